@@ -1,0 +1,208 @@
+// CPU implementation of instrumented_adam::fused_step: argument checks, per-tensor step scalars,
+// the (tensor, chunk) work list, the parallel loop and the deterministic reduction of the
+// per-chunk statistics. The arithmetic itself is in adam_kernel_isa.cpp / adam_math.h.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernel_args.h"
+
+namespace instrumented_adam::cpu {
+namespace {
+
+// Elements per work item: large enough to amortise the per-item cost, small enough to balance
+// two to a few dozen threads. A multiple of 64 so only a tensor's last item has a SIMD tail.
+constexpr int64_t kChunk = 32768;
+// Below this many elements in a call, one thread does all the work (a parallel region costs more).
+constexpr int64_t kParallelGrain = 65536;
+
+DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kHalf;
+    default:
+      TORCH_CHECK(false, "instrumented_adam: parameters must be float32, float64, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+// Every tensor the kernel reads for a parameter must share the parameter's dtype, size and memory
+// layout (any dense layout: the kernel walks the underlying storage linearly).
+void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i) {
+  TORCH_CHECK(other.device().is_cpu(), "instrumented_adam: ", what, "[", i, "] is on ", other.device(),
+              " but its parameter is on the CPU");
+  TORCH_CHECK(other.scalar_type() == param.scalar_type(), "instrumented_adam: ", what, "[", i, "] has dtype ",
+              other.scalar_type(), " but its parameter has dtype ", param.scalar_type());
+  TORCH_CHECK(other.sizes().equals(param.sizes()), "instrumented_adam: ", what, "[", i, "] has shape ",
+              other.sizes(), " but its parameter has shape ", param.sizes());
+  TORCH_CHECK(other.numel() == 0 || other.strides().equals(param.strides()), "instrumented_adam: ", what, "[", i,
+              "] has strides ", other.strides(), " but its parameter has strides ", param.strides(),
+              " (the Python optimizer re-lays such tensors out before calling the op)");
+}
+
+double read_scalar(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
+              " must be a one-element CPU tensor, got shape ", t.sizes(), " on ", t.device());
+  return t.item<double>();
+}
+
+using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
+
+// The instruction set torch dispatches its own kernels to (ATEN_CPU_CAPABILITY lowers it).
+ProcessItems select_isa() {
+  static const ProcessItems chosen = [] {
+    const std::string capability = at::get_cpu_capability();
+#if defined(__x86_64__) || defined(_M_X64)
+    if (capability == "AVX512") return &AVX512::process_items;
+    if (capability == "AVX2") return &AVX2::process_items;
+#endif
+    return &DEFAULT::process_items;
+  }();
+  return chosen;
+}
+
+void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList second_moments, at::TensorList max_second_moments,
+                    at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
+                    double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                    at::IntArrayRef stat_rows) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "instrumented_adam: unknown algorithm ", algorithm);
+  const auto algo = static_cast<Algorithm>(algorithm);
+  amsgrad = amsgrad && algo != Algorithm::kAdamax;
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  second_moments.size() == params.size() && state_steps.size() == params.size(),
+              "instrumented_adam: params, grads, exp_avgs, second moments and steps must have the same length");
+  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_second_moments.size()) == n,
+              "instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter");
+  TORCH_CHECK(prev_epoch_steps.empty() || static_cast<int64_t>(prev_epoch_steps.size()) == n,
+              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
+  TORCH_CHECK(stat_rows.empty() || static_cast<int64_t>(stat_rows.size()) == n,
+              "instrumented_adam: stat_rows must be empty or have one row per parameter");
+
+  double* stats_data = nullptr;
+  int64_t stats_rows_total = 0;
+  if (stats.has_value()) {
+    const at::Tensor& s = *stats;
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kDouble && s.dim() == 2 &&
+                    s.size(1) == kNumStats && s.is_contiguous(),
+                "instrumented_adam: stats must be a contiguous float64 CPU tensor of shape [rows, ", kNumStats,
+                "], got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    stats_rows_total = s.size(0);
+    TORCH_CHECK(!stat_rows.empty() || stats_rows_total == n,
+                "instrumented_adam: stats has ", stats_rows_total, " rows for ", n, " parameters");
+    for (int64_t row : stat_rows) {
+      TORCH_CHECK(row >= 0 && row < stats_rows_total, "instrumented_adam: stat row ", row, " out of range");
+    }
+    stats_data = s.data_ptr<double>();
+    std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
+  }
+
+  // AMP: a step with inf/NaN gradients is skipped whole (its step counters do not advance and its
+  // statistics stay zero), exactly as torch's fused optimizers do with GradScaler.
+  const float* grad_scale_ptr = nullptr;
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1 && grad_scale->device().is_cpu(),
+                "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
+    grad_scale_ptr = grad_scale->data_ptr<float>();
+  }
+  if (found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0) return;
+  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor, "lr");
+
+  std::vector<TensorArgs> tensors(n);
+  std::vector<WorkItem> items;
+  std::vector<int64_t> item_starts;  // element offset of each item in the whole call, for balancing
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu(), "instrumented_adam: the CPU kernel got params[", i, "] on ", p.device());
+    TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
+                "]); view them as real with torch.view_as_real");
+    TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
+    TORCH_CHECK(grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
+    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
+                "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
+    check_companion(p, grads[i], "grads", i);
+    check_companion(p, exp_avgs[i], "exp_avgs", i);
+    check_companion(p, second_moments[i], "second_moments", i);
+    if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);
+    if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
+
+    const at::Tensor& step_t = state_steps[i];
+    TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
+                    (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
+                "instrumented_adam: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
+    TensorArgs& t = tensors[i];
+    t.param = p.data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr();
+    t.second = second_moments[i].data_ptr();
+    t.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
+    t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].data_ptr();
+    t.numel = p.numel();
+    t.dtype = to_dtype(p);
+    for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
+      items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
+      item_starts.push_back(total + begin);
+    }
+    total += t.numel;
+  }
+
+  // Everything is validated: only now mutate (a bad argument must leave the state untouched).
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& step_t = state_steps[i];
+    double step;
+    if (step_t.scalar_type() == at::kFloat) {
+      float* s = step_t.data_ptr<float>();
+      step = *s += 1.0f;
+    } else {
+      double* s = step_t.data_ptr<double>();
+      step = *s += 1.0;
+    }
+    const StepScalars scalars{lr, beta1, beta2, eps, weight_decay, step};
+    tensors[i].coeff_float = make_coefficients<float>(scalars, maximize, amsgrad);
+    tensors[i].coeff_double = make_coefficients<double>(scalars, maximize, amsgrad);
+  }
+
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
+  KernelArgs args{algo,           amsgrad,          stats_data != nullptr, !prev_epoch_steps.empty(),
+                  grad_scale_ptr, tensors.data(), items.data(),          item_stats.data()};
+  const auto process_items = select_isa();
+  // Threads get equal element ranges; each processes the items that start in its range, so
+  // many small tensors share one parallel region and the partials do not depend on thread count.
+  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
+    const auto first = std::lower_bound(item_starts.begin(), item_starts.end(), begin) - item_starts.begin();
+    const auto last = std::lower_bound(item_starts.begin(), item_starts.end(), end) - item_starts.begin();
+    process_items(args, first, last);
+  });
+
+  if (stats_data) {
+    for (int64_t k = 0; k < num_items; ++k) {
+      const int64_t tensor = items[k].tensor;
+      double* row = stats_data + (stat_rows.empty() ? tensor : stat_rows[tensor]) * kNumStats;
+      const double* partial = item_stats.data() + k * kNumStats;
+      for (int s = 0; s < kNumStats; ++s) {
+        row[s] = s == k_eff_lr_max ? (items[k].begin == 0 ? partial[s] : ia_maximum(row[s], partial[s]))
+                                   : row[s] + partial[s];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instrumented_adam, CPU, m) {
+  m.impl("fused_step", &fused_step_cpu);
+}
+
+}  // namespace instrumented_adam::cpu

@@ -1,0 +1,22 @@
+// The one place the op signatures live. Kernels register implementations per device
+// (cpu/adam_cpu.cpp, cuda/adam_cuda.cpp); instrumented_adam/_ops.py registers the fake kernels.
+#include <torch/library.h>
+
+TORCH_LIBRARY(instrumented_adam, m) {
+  // One fused Adam / AdamW / Adamax step over a list of parameters.
+  //   algorithm: 0 Adam (L2 weight decay), 1 AdamW (decoupled), 2 Adamax
+  //   second_moments: exp_avg_sq (Adam, AdamW) or exp_inf (Adamax)
+  //   max_second_moments: max_exp_avg_sq when amsgrad, else empty
+  //   prev_epoch_steps: s_{k-1} per parameter for update_dot_prev_epoch, or empty
+  //   state_steps: incremented by the op (not when found_inf is set)
+  //   lr_tensor: when given, overrides lr (a one-element tensor, on the device for CUDA)
+  //   grad_scale / found_inf: GradScaler's tensors; grads are unscaled in place
+  //   stats: [rows, num_stats] float64, zeroed and filled; stat_rows maps parameter i to a row
+  //          (empty: row i). Rows of parameters not in this call stay zero.
+  m.def(
+      "fused_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] second_moments, Tensor(e!)[] max_second_moments, Tensor[] prev_epoch_steps, "
+      "Tensor(f!)[] state_steps, *, int algorithm, float lr, Tensor? lr_tensor, float beta1, float beta2, "
+      "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(g!)? stats, int[] stat_rows) -> ()");
+}

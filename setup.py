@@ -1,0 +1,111 @@
+"""Build of instrumented_adam's op library (see BUILD_NOTES.md in the team's shared folder).
+
+torch must already be installed: build with `pip install -e . --no-build-isolation` (or
+`./scripts/install.sh`, which does everything). torch is deliberately not a build requirement:
+with build isolation pip would fetch a different torch than the one that runs.
+
+The CPU kernel (csrc/cpu/adam_kernel_isa.cpp) is compiled once per instruction set with its own
+flags and linked in as extra objects; setuptools has no per-source flags, so `IsaBuildExtension`
+compiles those objects itself before the normal build. CUDA sources are built when the installed
+torch is a CUDA build (and IA_BUILD_CUDA is not 0).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - exercised by hand
+    sys.exit(
+        "instrumented_adam: torch is not importable. Install torch first, then build without "
+        "isolation:\n    pip install torch==2.13.0 && pip install -e . --no-build-isolation\n"
+        "(or run ./scripts/install.sh)"
+    )
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+ISA_SOURCE = CSRC / "cpu" / "adam_kernel_isa.cpp"
+
+# Per-ISA flags: the -m flags *and* the CPU_CAPABILITY macros, or at::vec silently falls back to
+# its generic (slow) implementation.
+ISA_FLAGS: dict[str, list[str]] = {"DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
+if platform.machine() in ("x86_64", "AMD64"):
+    ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    ISA_FLAGS["AVX512"] = [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ]
+
+CXX_STD = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
+COMMON_FLAGS = [
+    # -ffp-contract=off: rounding is spelled out in adam_math.h, never left to the compiler.
+    "-O3", CXX_STD, "-fPIC", "-fopenmp", "-g0", "-DNDEBUG", "-ffp-contract=off",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+]
+
+
+def want_cuda() -> bool:
+    if os.environ.get("IA_BUILD_CUDA", "1") == "0":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and any((CSRC / "cuda").glob("*.cu"))
+
+
+class IsaBuildExtension(cpp_extension.BuildExtension):
+    """Compiles the ISA copies of the CPU kernel (in parallel, only when out of date) first."""
+
+    def build_extension(self, ext):
+        out_dir = Path(self.build_temp) / "isa"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CSRC}"]
+        newest_input = max(p.stat().st_mtime for p in CSRC.rglob("*") if p.suffix in (".h", ".cpp"))
+        compiler = os.environ.get("CXX", "c++")
+        jobs, objects = [], []
+        for isa, flags in ISA_FLAGS.items():
+            obj = out_dir / f"adam_kernel_{isa.lower()}.o"
+            objects.append(str(obj))
+            if obj.exists() and obj.stat().st_mtime >= newest_input:
+                continue
+            cmd = [compiler, *COMMON_FLAGS, *flags, *includes, "-c", str(ISA_SOURCE), "-o", str(obj)]
+            jobs.append((cmd, subprocess.Popen(cmd)))
+        for cmd, job in jobs:
+            if job.wait() != 0:
+                raise RuntimeError(f"instrumented_adam: compiling the CPU kernel failed: {' '.join(cmd)}")
+        ext.extra_objects = [*getattr(ext, "extra_objects", []), *objects]
+        super().build_extension(ext)
+
+
+def make_extension():
+    sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adam_cpu.cpp")]
+    cxx_flags = ["-O3", "-fopenmp", "-g0", f"-I{CSRC}"]
+    if want_cuda():
+        sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+        sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
+        return cpp_extension.CUDAExtension(
+            "instrumented_adam._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", f"-I{CSRC}"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "instrumented_adam._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    name="instrumented_adam",
+    version="0.1.0",
+    description="Adam, AdamW and Adamax with fused kernels that measure what the optimizer does",
+    packages=find_packages(include=["instrumented_adam", "instrumented_adam.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": IsaBuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+)
