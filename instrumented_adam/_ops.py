@@ -1,0 +1,36 @@
+"""The compiled ops (csrc/ops.cpp holds their schemas) and their fake kernels for torch.compile."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+from . import _C
+
+#: The statistics the kernels accumulate per tensor and step, in the kernels' column order.
+#: Read from the compiled library: csrc/stats_table.h is the one table.
+STAT_NAMES: tuple[str, ...] = tuple(_C.STAT_NAMES)
+STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(STAT_NAMES)}
+NUM_STATS = len(STAT_NAMES)
+
+
+class Algorithm(IntEnum):
+    """The `algorithm` argument of the fused step (csrc/adam_math.h keeps the same values)."""
+
+    ADAM = 0
+    ADAMW = 1
+    ADAMAX = 2
+
+
+fused_step = torch.ops.instrumented_adam.fused_step
+
+
+@torch.library.register_fake("instrumented_adam::fused_step")
+def _fused_step_fake(
+    params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps, *,
+    algorithm, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf,
+    stats, stat_rows,
+) -> None:
+    # The op only mutates its arguments in place: nothing to allocate.
+    return None

@@ -1,0 +1,452 @@
+"""Adam, AdamW and Adamax with a fused, instrumented step.
+
+Each class subclasses its torch.optim namesake, so the constructor, defaults, validation
+messages, param groups and state_dict layout are torch's own, and `isinstance(opt,
+torch.optim.Adam)` holds for LR schedulers and other tooling. Only the step differs: one call
+of the fused kernel per parameter group updates every tensor and, in the same pass over memory,
+measures the statistics of `STAT_NAMES`.
+
+Instrumentation options (keyword-only):
+  statistics      per-step statistics in the kernel (default True; False runs the plain update)
+  epoch_geometry  keep θ at the last epoch boundary, the previous epoch's step and θ_0 on the
+                  parameters' device, so that `end_epoch()` can measure the epoch's step and
+                  each step its alignment with the previous epoch's (default True; costs three
+                  parameter-sized buffers)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._ops import NUM_STATS, Algorithm, fused_step
+from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
+
+# Instrumentation state kept per parameter (besides torch's own keys); saved in state_dict.
+EPOCH_START_KEY = "epoch_start_param"  # θ at the last epoch boundary (θ_end(k-1))
+PREV_EPOCH_STEP_KEY = "prev_epoch_step"  # s_{k-1} = θ_end(k-1) - θ_end(k-2)
+INITIAL_PARAM_KEY = "initial_param"  # θ_0, where instrumentation began
+INSTRUMENTATION_KEY = "instrumentation"  # top-level state_dict entry with the counters
+
+# Elements per chunk when the epoch geometry converts to float64 (bounds the temporary memory).
+_EPOCH_CHUNK = 1 << 22
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when t's elements fill its storage span exactly (any order): the kernel can walk it."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors are updated as pairs of reals, as torch.optim does."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+@dataclass
+class _GroupPlan:
+    """The kernel's argument lists for one param group, rebuilt only when something changes."""
+
+    key: tuple  # which params had a gradient, plus the settings the lists depend on
+    indices: list[int]  # positions (within the group) of the params in the call
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    second_moments: list[Tensor]
+    max_second_moments: list[Tensor]
+    prev_epoch_steps: list[Tensor]
+    state_steps: list[Tensor]
+    stat_rows: list[int]  # empty when every param of the group is in the call
+    # Positions (within the call) of params that are not dense: updated through a dense copy.
+    relayout: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Layout:
+    """Rows of the statistics buffer: one per parameter, groups in order."""
+
+    num_params: tuple[int, ...]  # params per group
+    device: torch.device
+    offsets: list[int]
+    numel: Tensor
+    groups: Tensor
+    stats: Tensor | None  # [rows, NUM_STATS] float64, filled by each step
+
+
+class _Instrumented:
+    """The fused instrumented step, for a torch.optim Adam-family class placed after it."""
+
+    _second_moment_key = "exp_avg_sq"
+
+    def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, **kwargs: Any) -> None:
+        self._plans: dict[int, _GroupPlan] = {}
+        self._layout: _Layout | None = None
+        super().__init__(*args, **kwargs)
+        for group in self.param_groups:
+            if group.get("differentiable"):
+                raise RuntimeError(f"{type(self).__name__} from instrumented_adam does not support differentiable=True")
+        self.statistics = bool(statistics)
+        self.epoch_geometry = bool(epoch_geometry)
+        # The kernel unscales gradients and skips inf steps itself (GradScaler passes
+        # grad_scale / found_inf instead of synchronising), like torch's fused optimizers.
+        self._step_supports_amp_scaling = True
+        self.steps_done = 0  #: step() calls so far (an exact integer, unlike a float32 counter)
+        self.epochs_done = 0  #: end_epoch() calls so far
+        self._prev_step_sumsq: Tensor | None = None  # ‖s_{k-1}‖² per parameter row
+
+    # ---- structure --------------------------------------------------------------------------
+    def _algorithm(self, group: dict) -> Algorithm:
+        return Algorithm.ADAMW if group.get("decoupled_weight_decay") else Algorithm.ADAM
+
+    def _invalidate(self) -> None:
+        self._plans = {}
+        self._layout = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):
+            self._invalidate()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._invalidate()
+
+    def _get_layout(self) -> _Layout:
+        num_params = tuple(len(g["params"]) for g in self.param_groups)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None else torch.device("cpu")
+        layout = self._layout
+        if layout is not None and layout.num_params == num_params and layout.device == device:
+            if layout.stats is not None or not self.statistics:
+                return layout
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"instrumented_adam: all parameters must be on one device, got {sorted(map(str, devices))}; "
+                "use one optimizer per device"
+            )
+        offsets, start = [], 0
+        for n in num_params:
+            offsets.append(start)
+            start += n
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        numel = torch.tensor([float(p.numel()) for p in all_params], dtype=torch.float64, device=device)
+        groups = torch.tensor([i for i, n in enumerate(num_params) for _ in range(n)], dtype=torch.long, device=device)
+        stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
+        self._layout = _Layout(num_params, device, offsets, numel, groups, stats)
+        self._plans = {}
+        return self._layout
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            # torch's fused layout: a float32 step on the parameter's device.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[self._second_moment_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            missing = [k for k in ("step", "exp_avg", self._second_moment_key) if k not in state]
+            if missing:
+                raise ValueError(f"instrumented_adam: the state of a parameter lacks {missing}: it was not saved by {type(self).__name__}")
+            step = state["step"]
+            if not torch.is_tensor(step):
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+            elif step.device != p.device:  # e.g. a checkpoint of torch's non-fused Adam on CUDA
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
+        if group.get("amsgrad") and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self.epoch_geometry:
+            if EPOCH_START_KEY not in state:
+                state[EPOCH_START_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+                state[INITIAL_PARAM_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+            if self.epochs_done > 0 and PREV_EPOCH_STEP_KEY not in state:
+                state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _make_plan(self, group: dict, key: tuple, indices: list[int], num_params: int) -> _GroupPlan:
+        params, exp_avgs, seconds, maxes, prevs, steps, relayout = [], [], [], [], [], [], []
+        amsgrad = bool(group.get("amsgrad", False))
+        track_prev = self.statistics and self.epoch_geometry and self.epochs_done > 0
+        for pos, i in enumerate(indices):
+            p = group["params"][i]
+            state = self._init_state(p, group)
+            if not p.is_complex() and p.numel() > 0 and not _is_dense(p):
+                relayout.append(pos)
+            params.append(_real(p))
+            exp_avgs.append(_real(state["exp_avg"]))
+            seconds.append(_real(state[self._second_moment_key]))
+            if amsgrad:
+                maxes.append(_real(state["max_exp_avg_sq"]))
+            if track_prev:
+                prevs.append(_real(state[PREV_EPOCH_STEP_KEY]))
+            steps.append(state["step"])
+        rows = [] if len(indices) == num_params else list(indices)
+        return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout)
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs a single optimization step (and measures it).
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layout = self._get_layout()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for gi, group in enumerate(self.param_groups):
+            self._step_group(gi, group, layout, grad_scale, found_inf)
+        self.steps_done += 1
+        return loss
+
+    def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has_grad = tuple(g is not None for g in grads)
+        key = (has_grad, bool(group.get("amsgrad", False)), self.epochs_done > 0)
+        plan = self._plans.get(gi)
+        if plan is None or plan.key != key:
+            indices = [i for i, h in enumerate(has_grad) if h]
+            plan = self._plans[gi] = self._make_plan(group, key, indices, len(params))
+        call_grads = [grads[i] for i in plan.indices]
+        call_params = plan.params
+        copies: list[tuple[int, Tensor, Tensor]] = []
+        for pos, g in enumerate(call_grads):
+            p = call_params[pos]
+            if g.is_complex():
+                g = call_grads[pos] = torch.view_as_real(g)
+            if g.layout != torch.strided:
+                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+            if g.stride() != p.stride() and g.numel() > 0:
+                # The kernel walks storage linearly: give it the gradient in the parameter's layout.
+                if pos in plan.relayout:
+                    continue
+                dense = torch.empty_like(p)
+                dense.copy_(g)
+                copies.append((pos, g, dense))
+                call_grads[pos] = dense
+        if plan.relayout:
+            call_params = list(call_params)
+            for pos in plan.relayout:
+                original = call_params[pos]
+                call_params[pos] = original.contiguous()
+                grad = call_grads[pos]
+                call_grads[pos] = grad.contiguous()
+                copies.append((pos, grad, call_grads[pos]))
+        lr = group["lr"]
+        lr_tensor = lr if torch.is_tensor(lr) else None
+        beta1, beta2 = group["betas"]
+        stats = None
+        if layout.stats is not None:
+            start = layout.offsets[gi]
+            stats = layout.stats[start : start + len(params)]
+        fused_step(
+            call_params,
+            call_grads,
+            plan.exp_avgs,
+            plan.second_moments,
+            plan.max_second_moments,
+            plan.prev_epoch_steps,
+            plan.state_steps,
+            algorithm=int(self._algorithm(group)),
+            lr=0.0 if lr_tensor is not None else float(lr),
+            lr_tensor=lr_tensor,
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            amsgrad=bool(group.get("amsgrad", False)),
+            maximize=bool(group.get("maximize", False)),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            stats=stats,
+            stat_rows=plan.stat_rows,
+        )
+        for pos in plan.relayout:
+            plan.params[pos].copy_(call_params[pos])
+        if grad_scale is not None:  # the kernel unscaled the gradient copies: write them back
+            for pos, original, dense in copies:
+                original.copy_(dense)
+
+    # ---- statistics -------------------------------------------------------------------------
+    def last_step_statistics(self) -> StepStatistics:
+        """The statistics of the last step, one row per parameter (a copy; no host sync)."""
+        layout = self._layout
+        if not self.statistics:
+            raise RuntimeError("instrumented_adam: this optimizer was built with statistics=False")
+        if layout is None or layout.stats is None or self.steps_done == 0:
+            raise RuntimeError("instrumented_adam: no step has been taken yet")
+        return StepStatistics(
+            values=layout.stats.clone(),
+            numel=layout.numel,
+            groups=layout.groups,
+            num_groups=len(layout.num_params),
+            names=None,
+            prev_step_sumsq=self._prev_step_sumsq if self.epochs_done > 0 else None,
+            step=self.steps_done,
+        )
+
+    @torch.no_grad()
+    def end_epoch(self) -> EpochGeometry:
+        """Closes an epoch: measures its step s_k = θ − θ_end(k−1) per parameter, in float64.
+
+        Returns ‖s_k‖², ⟨s_k, s_{k−1}⟩, ‖s_{k−1}‖² and ‖θ − θ_0‖² per parameter (see
+        `EpochGeometry`), then keeps s_k for the next epoch's per-step `update_dot_prev_epoch`
+        and θ as the next epoch's start. One pass over the parameters; nothing per step.
+        """
+        if not self.epoch_geometry:
+            raise RuntimeError("instrumented_adam: this optimizer was built with epoch_geometry=False")
+        layout = self._get_layout()
+        device = layout.device
+        rows: list[Tensor] = []
+        next_prev_sumsq: list[Tensor] = []
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or EPOCH_START_KEY not in state:
+                    rows.append(torch.zeros(len(EPOCH_COLUMNS), dtype=torch.float64, device=device))
+                    next_prev_sumsq.append(zero)
+                    continue
+                theta, start = _real(p.detach()).reshape(-1), _real(state[EPOCH_START_KEY]).reshape(-1)
+                initial = _real(state[INITIAL_PARAM_KEY]).reshape(-1)
+                prev = state.get(PREV_EPOCH_STEP_KEY)
+                prev_flat = _real(prev).reshape(-1) if prev is not None else None
+                if prev is None:
+                    prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                step_sumsq, dot_prev, prev_sumsq, dist_sumsq, new_prev_sumsq = zero, zero, zero, zero, zero
+                new_prev = _real(prev).reshape(-1)
+                for lo in range(0, theta.numel(), _EPOCH_CHUNK):
+                    hi = min(lo + _EPOCH_CHUNK, theta.numel())
+                    t64 = theta[lo:hi].double()
+                    s = t64 - start[lo:hi].double()
+                    step_sumsq = step_sumsq + s.dot(s)
+                    if prev_flat is not None:
+                        q = prev_flat[lo:hi].double()
+                        dot_prev = dot_prev + s.dot(q)
+                        prev_sumsq = prev_sumsq + q.dot(q)
+                    d = t64 - initial[lo:hi].double()
+                    dist_sumsq = dist_sumsq + d.dot(d)
+                    new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to p's dtype)
+                    stored = new_prev[lo:hi].double()
+                    new_prev_sumsq = new_prev_sumsq + stored.dot(stored)
+                start.copy_(theta)
+                rows.append(torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]))
+                next_prev_sumsq.append(new_prev_sumsq)
+        values = torch.stack(rows) if rows else torch.zeros(0, len(EPOCH_COLUMNS), dtype=torch.float64, device=device)
+        geometry = EpochGeometry(
+            values=values,
+            numel=layout.numel,
+            groups=layout.groups,
+            num_groups=len(layout.num_params),
+            names=None,
+            epoch=self.epochs_done,
+            has_previous=self.epochs_done > 0,
+        )
+        self._prev_step_sumsq = torch.stack(next_prev_sumsq) if next_prev_sumsq else None
+        self.epochs_done += 1
+        self._plans = {}  # the previous epoch's steps now take part in the step
+        return geometry
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus an `instrumentation` entry (counters); torch.optim ignores it."""
+        state_dict = super().state_dict()
+        state_dict[INSTRUMENTATION_KEY] = {"steps_done": self.steps_done, "epochs_done": self.epochs_done}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state_dict of this class or of its torch.optim namesake (validated first)."""
+        self._check_state_dict(state_dict)
+        counters = state_dict.get(INSTRUMENTATION_KEY, {})
+        super().load_state_dict(state_dict)
+        self.steps_done = int(counters.get("steps_done", 0))
+        self.epochs_done = int(counters.get("epochs_done", 0))
+        if self.epochs_done > 0 and self.epoch_geometry:
+            self._prev_step_sumsq = self._prev_sumsq_from_state()
+        self._invalidate()
+
+    def _prev_sumsq_from_state(self) -> Tensor:
+        layout = self._get_layout()
+        values = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                prev = self.state.get(p, {}).get(PREV_EPOCH_STEP_KEY)
+                if prev is None:
+                    values.append(torch.zeros((), dtype=torch.float64, device=layout.device))
+                else:
+                    flat = _real(prev).reshape(-1).double()
+                    values.append(flat.dot(flat))
+        return torch.stack(values)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("instrumented_adam: not an optimizer state_dict (expected 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        name = type(self).__name__
+        required = ("step", "exp_avg", self._second_moment_key)
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            for saved_id, p in zip(saved["params"], group["params"]):
+                entry = state_dict["state"].get(saved_id)
+                if not entry:
+                    continue
+                missing = [k for k in required if k not in entry]
+                if missing:
+                    raise ValueError(
+                        f"instrumented_adam: this state_dict was not saved by {name} or torch.optim.{name}: "
+                        f"parameter state has keys {sorted(entry)} and lacks {missing}"
+                    )
+                for k, v in entry.items():
+                    if k != "step" and torch.is_tensor(v) and v.shape != p.shape:
+                        raise ValueError(
+                            f"instrumented_adam: state '{k}' has shape {tuple(v.shape)} but its parameter has shape "
+                            f"{tuple(p.shape)}: the state_dict belongs to another model"
+                        )
+
+
+class Adam(_Instrumented, torch.optim.Adam):
+    """torch.optim.Adam with a fused, instrumented step.
+
+    Same arguments, defaults and state_dict as `torch.optim.Adam` (its checkpoints load, and
+    ours load into it), plus keyword-only `statistics` and `epoch_geometry`. The update always
+    runs through the fused kernel (`foreach`/`fused` are accepted for compatibility): fp32
+    parameters follow `torch.optim.Adam(fused=True)` bitwise.
+    """
+
+
+class AdamW(_Instrumented, torch.optim.AdamW):
+    """torch.optim.AdamW with a fused, instrumented step (see `Adam`)."""
+
+
+class Adamax(_Instrumented, torch.optim.Adamax):
+    """torch.optim.Adamax with a fused, instrumented step (see `Adam`).
+
+    The second moment is torch's `exp_inf` (u_t); `second_moment_sum` sums it and the effective
+    step size is lr / (bc1 · u). torch.optim.Adamax has no fused path: ours follows its
+    single-tensor path operation for operation.
+    """
+
+    _second_moment_key = "exp_inf"
+
+    def _algorithm(self, group: dict) -> Algorithm:
+        return Algorithm.ADAMAX
