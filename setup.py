@@ -107,5 +107,11 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": IsaBuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
+    install_requires=["torch>=2.11", "numpy", "pandas", "scipy", "matplotlib", "tqdm"],
+    extras_require={
+        "demo": ["scikit-learn"],
+        "export": ["pyarrow", "tensorboard"],
+        "test": ["pytest", "expecttest", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.cli:main"]},
 )
