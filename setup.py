@@ -58,6 +58,35 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and any((CSRC / "cuda").glob("*.cu"))
 
 
+def torch_cuda_adam_form() -> int:
+    """Which arithmetic the installed torch's fused CUDA Adam uses (csrc/adam_math.h,
+    IA_TORCH_CUDA_ADAM_FORM), read off its header so that our CUDA kernel matches it bitwise:
+    1 = double scalars and a*b + c*d moments (older torch), 2 = compute-type scalars and std::fma
+    moments (newer torch). IA_TORCH_CUDA_ADAM_FORM=1|2 overrides."""
+    override = os.environ.get("IA_TORCH_CUDA_ADAM_FORM")
+    if override:
+        return int(override)
+    header = Path(torch.__file__).resolve().parent / "include" / "ATen" / "native" / "cuda" / "fused_adam_utils.cuh"
+    try:
+        text = header.read_text()
+    except OSError:
+        text = ""
+    opmath_scalars = "const opmath_t& beta1" in text
+    fma_moments = "std::fma(beta1, exp_avg" in text
+    double_scalars = "const double& beta1" in text or "const double beta1" in text
+    mul_add_moments = "beta1 * exp_avg + (1 - beta1) * grad" in text
+    if opmath_scalars and fma_moments:
+        return 2
+    if double_scalars and mul_add_moments and not opmath_scalars:
+        return 1
+    print(
+        f"instrumented_adam: warning: cannot tell torch's fused CUDA Adam arithmetic from {header}; "
+        "assuming the newer form (IA_TORCH_CUDA_ADAM_FORM=2); fp32 parity with torch may not be bitwise",
+        file=sys.stderr,
+    )
+    return 2
+
+
 class IsaBuildExtension(cpp_extension.BuildExtension):
     """Compiles the ISA copies of the CPU kernel (in parallel, only when out of date) first."""
 
@@ -88,10 +117,21 @@ def make_extension():
     if want_cuda():
         sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
         sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
+        # No --use_fast_math (and nvcc's defaults -prec-div/-prec-sqrt=true, --fmad=true, as torch
+        # builds its own kernels): the update must round as torch.optim.Adam(fused=True) does.
+        # The GPU architectures come from TORCH_CUDA_ARCH_LIST, or the visible GPU (docs/cuda.md).
+        form = torch_cuda_adam_form()
+        print(f"instrumented_adam: building the CUDA kernel (torch {torch.__version__}, fused-Adam form {form})",
+              file=sys.stderr)
+        # -ffp-contract=off for the host side of the .cu files: adam_math.h's host/device helpers
+        # round there exactly as in the CPU kernel's translation units.
+        nvcc_flags = ["-O3", f"-I{CSRC}", f"-DIA_TORCH_CUDA_ADAM_FORM={form}", "-lineinfo", "-Xcompiler=-ffp-contract=off"]
+        if os.environ.get("IA_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
             "instrumented_adam._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", f"-I{CSRC}"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(

@@ -94,6 +94,14 @@ IA_HOST_DEVICE double ia_sqrt(double x) { return std::sqrt(x); }
 // NaN-propagating maximum, as torch.maximum and at::vec::maximum.
 IA_HOST_DEVICE float ia_maximum(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
 IA_HOST_DEVICE double ia_maximum(double a, double b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
+// std::max(a, b) = (a < b) ? b : a: keeps `a` when either is NaN. torch's scalar remainder loop
+// takes amsgrad's running maximum this way (the vector body uses the NaN-propagating maximum).
+IA_HOST_DEVICE float ia_max_keep_first(float a, float b) { return a < b ? b : a; }
+IA_HOST_DEVICE double ia_max_keep_first(double a, double b) { return a < b ? b : a; }
+// The same for a SIMD vector type (anything with V::blendv and a lane-mask operator<); the
+// non-template scalar overloads above win for float and double.
+template <class V>
+IA_HOST_DEVICE V ia_max_keep_first(const V& a, const V& b) { return V::blendv(a, b, a < b); }
 IA_HOST_DEVICE float ia_fmadd(float a, float b, float c) { return std::fma(a, b, c); }
 IA_HOST_DEVICE double ia_fmadd(double a, double b, double c) { return std::fma(a, b, c); }
 IA_HOST_DEVICE float ia_abs(float x) { return std::abs(x); }
@@ -137,7 +145,9 @@ IA_HOST_DEVICE void update_element(V& param, V grad, V& exp_avg, V& second, V& m
       second = ia_fmadd(V(c.one_minus_beta2) * grad, grad, second * V(c.beta2));
     }
     if (c.amsgrad) {
-      max_second = ia_maximum(max_second, second);
+      // torch's scalar remainder loop keeps the old maximum when v is NaN (std::max); its vector
+      // body propagates the NaN (tests/test_statistics.py, test_nonfinite_gradients_*).
+      max_second = kTorchScalarTail ? ia_max_keep_first(max_second, second) : ia_maximum(max_second, second);
       moment = max_second;
     } else {
       moment = second;
@@ -171,5 +181,146 @@ IA_HOST_DEVICE void accumulate_stats(V* acc, const V& grad, const V& exp_avg, co
 #ifdef CPU_CAPABILITY
 }  // inline namespace CPU_CAPABILITY
 #endif
+
+#if defined(__CUDACC__)
+// ---- CUDA only: torch.optim.Adam(fused=True)'s CUDA arithmetic for Adam and AdamW ----------------
+//
+// torch's CUDA kernel (aten/src/ATen/native/cuda/fused_adam_utils.cuh) does not compute what its CPU
+// kernel computes: no lerp, no host-side double scalars, and its form changed between releases.
+// The CUDA kernel (csrc/cuda/) uses the formulas below for Adam and AdamW so that parameters and
+// state match torch's fused CUDA step bitwise; Adamax has no torch fused kernel and keeps the
+// shared formulas above (update_element), with its coefficients computed on the device.
+//
+// IA_TORCH_CUDA_ADAM_FORM selects torch's form; setup.py (torch_cuda_adam_form) reads it off the
+// installed torch's fused_adam_utils.cuh:
+//   1  scalars in double: moments as fma(β, m, (1-β)·g) in double rounded to the compute type,
+//      bias corrections 1 - pow(β, t) in double (torch before pytorch PRs 173224/173227, early
+//      2026);
+//   2  everything in the compute type ("opmath"): scalars rounded once, pow(float, float) bias
+//      corrections, the moments as fma(β, m, fma(-β, g, g)) (after those PRs; torch 2.13 has it).
+// Every operation is a correctly rounded intrinsic (__fmul_rn, __fmaf_rn, ...), which the compiler
+// never contracts or reorders, so the statistics code cannot change the update. Where torch's
+// source leaves a multiply-add to nvcc's contraction (its default --fmad=true), the form written
+// here is the one nvcc 13.0 emits for torch's expression on sm_90 (read off the SASS of a replica
+// of those expressions). The bias corrections call the same pow builtin as torch (::pow), which
+// gives the same bits when both are built by the same nvcc version with default flags.
+#ifndef IA_TORCH_CUDA_ADAM_FORM
+#define IA_TORCH_CUDA_ADAM_FORM 2
+#endif
+#if IA_TORCH_CUDA_ADAM_FORM != 1 && IA_TORCH_CUDA_ADAM_FORM != 2
+#error "IA_TORCH_CUDA_ADAM_FORM must be 1 or 2"
+#endif
+
+namespace torch_cuda {
+
+__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float rn_sqrt(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ float rn_fma(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double rn_div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double rn_sqrt(double a) { return __dsqrt_rn(a); }
+__device__ __forceinline__ double rn_fma(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// The scalars of one tensor's step; O is the compute type (float for fp32/bf16/fp16, double for
+// fp64), `step` the step number after this step's increment, lr already read from lr_tensor.
+template <class O>
+struct AdamCoefficients {
+#if IA_TORCH_CUDA_ADAM_FORM == 1
+  double beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, lr_weight_decay, eps;
+#else
+  O beta1, beta2, weight_decay, lr_weight_decay, eps;
+#endif
+  O bias_correction2_sqrt;
+  O step_size;  // lr / (1 - beta1^t), as torch rounds it; also the numerator of eff_lr
+  bool has_weight_decay;
+};
+
+template <class O>
+__device__ __forceinline__ AdamCoefficients<O> make_adam_coefficients(double lr, double beta1, double beta2,
+                                                                      double weight_decay, double eps, float step) {
+  AdamCoefficients<O> c;
+#if IA_TORCH_CUDA_ADAM_FORM == 1
+  c.beta1 = beta1;
+  c.one_minus_beta1 = rn_sub(1.0, beta1);
+  c.beta2 = beta2;
+  c.one_minus_beta2 = rn_sub(1.0, beta2);
+  c.weight_decay = weight_decay;
+  c.lr_weight_decay = rn_mul(lr, weight_decay);
+  c.eps = eps;
+  // torch: 1 - pow(double β, float t) in double, passed on as the compute type.
+  const O bias_correction1 = static_cast<O>(rn_sub(1.0, ::pow(beta1, static_cast<double>(step))));
+  c.bias_correction2_sqrt = static_cast<O>(rn_sqrt(rn_sub(1.0, ::pow(beta2, static_cast<double>(step)))));
+  c.step_size = static_cast<O>(rn_div(lr, static_cast<double>(bias_correction1)));
+  c.has_weight_decay = weight_decay != 0;
+#else
+  const O lr_o = static_cast<O>(lr);
+  c.beta1 = static_cast<O>(beta1);
+  c.beta2 = static_cast<O>(beta2);
+  c.weight_decay = static_cast<O>(weight_decay);
+  c.lr_weight_decay = rn_mul(lr_o, c.weight_decay);
+  c.eps = static_cast<O>(eps);
+  const O t = static_cast<O>(step);
+  const O bias_correction1 = rn_sub(O(1), ::pow(c.beta1, t));  // ::pow(float, float) is powf
+  c.bias_correction2_sqrt = rn_sqrt(rn_sub(O(1), ::pow(c.beta2, t)));
+  c.step_size = rn_div(lr_o, bias_correction1);
+  c.has_weight_decay = c.weight_decay != O(0);
+#endif
+  return c;
+}
+
+// One element of Adam (algo kAdam: L2 weight decay) or AdamW. `grad` is the gradient after AMP
+// unscaling (maximize and weight decay are applied here); `moment` and `denom` are out-values for
+// the statistics, as in update_element.
+template <Algorithm algo, bool amsgrad, class O>
+__device__ __forceinline__ void adam_update(O& param, O grad, O& exp_avg, O& exp_avg_sq, O& max_exp_avg_sq,
+                                            const AdamCoefficients<O>& c, bool maximize, O& moment, O& denom) {
+  static_assert(algo != Algorithm::kAdamax, "Adamax uses update_element");
+  if (maximize) grad = -grad;
+#if IA_TORCH_CUDA_ADAM_FORM == 1
+  using D = double;
+  if (c.has_weight_decay) {
+    if constexpr (algo == Algorithm::kAdamW) {  // param -= lr * wd * param, contracted
+      param = static_cast<O>(rn_fma(D(param), -c.lr_weight_decay, D(param)));
+    } else {  // grad += param * wd, contracted
+      grad = static_cast<O>(rn_fma(D(param), c.weight_decay, D(grad)));
+    }
+  }
+  // beta1 * m + (1 - beta1) * g and beta2 * v + (1 - beta2) * g * g in double; nvcc fuses the first
+  // product into the addition.
+  exp_avg = static_cast<O>(rn_fma(c.beta1, D(exp_avg), rn_mul(c.one_minus_beta1, D(grad))));
+  exp_avg_sq = static_cast<O>(rn_fma(c.beta2, D(exp_avg_sq), rn_mul(rn_mul(c.one_minus_beta2, D(grad)), D(grad))));
+#else
+  if (c.has_weight_decay) {
+    if constexpr (algo == Algorithm::kAdamW) {  // param -= lr * wd * param, contracted
+      param = rn_fma(param, -c.lr_weight_decay, param);
+    } else {  // grad += param * wd, contracted
+      grad = rn_fma(param, c.weight_decay, grad);
+    }
+  }
+  exp_avg = rn_fma(c.beta1, exp_avg, rn_fma(-c.beta1, grad, grad));
+  const O grad_sq = rn_mul(grad, grad);
+  exp_avg_sq = rn_fma(c.beta2, exp_avg_sq, rn_fma(-c.beta2, grad_sq, grad_sq));
+#endif
+  if constexpr (amsgrad) {
+    max_exp_avg_sq = max_exp_avg_sq < exp_avg_sq ? exp_avg_sq : max_exp_avg_sq;  // std::max(max, v)
+    moment = max_exp_avg_sq;
+  } else {
+    moment = exp_avg_sq;
+  }
+#if IA_TORCH_CUDA_ADAM_FORM == 1
+  denom = static_cast<O>(rn_add(D(rn_div(rn_sqrt(moment), c.bias_correction2_sqrt)), c.eps));
+#else
+  denom = rn_add(rn_div(rn_sqrt(moment), c.bias_correction2_sqrt), c.eps);
+#endif
+  param = rn_sub(param, rn_div(rn_mul(c.step_size, exp_avg), denom));
+}
+
+}  // namespace torch_cuda
+#endif  // __CUDACC__
 
 }  // namespace instrumented_adam

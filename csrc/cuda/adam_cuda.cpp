@@ -1,0 +1,204 @@
+// CUDA implementation of instrumented_adam::fused_step: argument checks (those of the CPU glue,
+// cpu/adam_cpu.cpp, for device tensors), the plain-data description of the call, the partials
+// scratch buffer, and the launch on the current stream (adam_launch.cu / adam_kernel.cuh).
+//
+// Nothing here synchronises with the device or reads device memory: the step counters, lr_tensor,
+// grad_scale and found_inf are read by the kernels, and the only allocation is the partials buffer
+// from torch's caching allocator, so the op runs under torch.cuda.set_sync_debug_mode("error") and
+// inside CUDA graph capture. Narrow headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h):
+// see BUILD_NOTES.md.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <vector>
+
+#include "adam_cuda.h"
+
+namespace instrumented_adam::cuda {
+namespace {
+
+DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kHalf;
+    default:
+      TORCH_CHECK(false, "instrumented_adam: parameters must be float32, float64, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+// Every tensor the kernel reads for a parameter must share the parameter's device, dtype, size and
+// memory layout (any dense layout: the kernel walks the underlying storage linearly).
+void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i) {
+  TORCH_CHECK(other.device() == param.device(), "instrumented_adam: ", what, "[", i, "] is on ", other.device(),
+              " but its parameter is on ", param.device());
+  TORCH_CHECK(other.scalar_type() == param.scalar_type(), "instrumented_adam: ", what, "[", i, "] has dtype ",
+              other.scalar_type(), " but its parameter has dtype ", param.scalar_type());
+  TORCH_CHECK(other.sizes().equals(param.sizes()), "instrumented_adam: ", what, "[", i, "] has shape ",
+              other.sizes(), " but its parameter has shape ", param.sizes());
+  TORCH_CHECK(other.numel() == 0 || other.strides().equals(param.strides()), "instrumented_adam: ", what, "[", i,
+              "] has strides ", other.strides(), " but its parameter has strides ", param.strides(),
+              " (the Python optimizer re-lays such tensors out before calling the op)");
+}
+
+// A one-element float32 tensor on `device`, read by the kernels (never on the host).
+const float* device_scalar(const at::Tensor& t, const at::Device& device, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device() == device && t.scalar_type() == at::kFloat, "instrumented_adam: ", what,
+              " must be a one-element float32 tensor on ", device, ", got ", t.scalar_type(), " of shape ",
+              t.sizes(), " on ", t.device());
+  return t.data_ptr<float>();
+}
+
+// Test hooks (adam_cuda.h, LaunchLimits): read at every call, so a test can set them for a while.
+int64_t env_limit(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? 0 : std::max<int64_t>(0, std::atoll(value));
+}
+
+void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList second_moments, at::TensorList max_second_moments,
+                     at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
+                     double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                     at::IntArrayRef stat_rows) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "instrumented_adam: unknown algorithm ", algorithm);
+  const auto algo = static_cast<Algorithm>(algorithm);
+  amsgrad = amsgrad && algo != Algorithm::kAdamax;
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  second_moments.size() == params.size() && state_steps.size() == params.size(),
+              "instrumented_adam: params, grads, exp_avgs, second moments and steps must have the same length");
+  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_second_moments.size()) == n,
+              "instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter");
+  TORCH_CHECK(prev_epoch_steps.empty() || static_cast<int64_t>(prev_epoch_steps.size()) == n,
+              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
+  TORCH_CHECK(stat_rows.empty() || static_cast<int64_t>(stat_rows.size()) == n,
+              "instrumented_adam: stat_rows must be empty or have one row per parameter");
+
+  // The device of the call: the parameters' (or, with no parameters, the statistics buffer's).
+  const at::Device device = n > 0 ? params[0].device() : (stats.has_value() ? stats->device() : at::Device(at::kCUDA));
+  TORCH_CHECK(device.is_cuda(), "instrumented_adam: the CUDA kernel got tensors on ", device);
+  c10::cuda::CUDAGuard guard(device);
+
+  CallArgs args{};
+  args.algorithm = algo;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.lr = lr;
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.weight_decay = weight_decay;
+  args.eps = eps;
+
+  if (stats.has_value()) {
+    const at::Tensor& s = *stats;
+    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kDouble && s.dim() == 2 && s.size(1) == kNumStats &&
+                    s.is_contiguous(),
+                "instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, ", kNumStats, "] on ",
+                device, ", got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    args.stats_rows = s.size(0);
+    TORCH_CHECK(!stat_rows.empty() || args.stats_rows == n, "instrumented_adam: stats has ", args.stats_rows,
+                " rows for ", n, " parameters");
+    // Each row is written by one block of the second stage: rows must be distinct.
+    std::vector<bool> used(static_cast<size_t>(args.stats_rows), false);
+    for (int64_t row : stat_rows) {
+      TORCH_CHECK(row >= 0 && row < args.stats_rows, "instrumented_adam: stat row ", row, " out of range");
+      TORCH_CHECK(!used[static_cast<size_t>(row)], "instrumented_adam: stat row ", row, " is used twice");
+      used[static_cast<size_t>(row)] = true;
+    }
+    args.stats = s.data_ptr<double>();
+    args.stats_rows_cover_all = args.stats_rows == n;
+  }
+
+  // AMP (GradScaler): both read on the device; a found_inf step changes nothing but the statistics
+  // (zeros), exactly as torch's fused optimizers skip it.
+  if (grad_scale.has_value()) args.grad_scale = device_scalar(*grad_scale, device, "grad_scale");
+  if (found_inf.has_value()) args.found_inf = device_scalar(*found_inf, device, "found_inf");
+
+  // lr as a tensor: on the device it is read by the kernels; a CPU tensor is read here, which does
+  // not synchronise with the GPU (torch's fused Adam does the same).
+  if (lr_tensor.has_value()) {
+    const at::Tensor& t = *lr_tensor;
+    TORCH_CHECK(t.numel() == 1, "instrumented_adam: lr must be a one-element tensor, got shape ", t.sizes());
+    switch (t.scalar_type()) {
+      case at::kFloat: args.lr_source = LrSource::kFloat; break;
+      case at::kDouble: args.lr_source = LrSource::kDouble; break;
+      case at::kBFloat16: args.lr_source = LrSource::kBFloat16; break;
+      case at::kHalf: args.lr_source = LrSource::kHalf; break;
+      default: TORCH_CHECK(false, "instrumented_adam: lr must be a floating-point tensor, got ", t.scalar_type());
+    }
+    if (t.device().is_cpu()) {
+      args.lr = t.item<double>();
+    } else {
+      TORCH_CHECK(t.device() == device, "instrumented_adam: lr is on ", t.device(), " but the parameters are on ",
+                  device);
+      args.lr_ptr = t.const_data_ptr();
+    }
+  }
+
+  std::vector<HostTensor> tensors(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but params[0] is on ",
+                device, "; use one optimizer per device");
+    TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
+                "]); view them as real with torch.view_as_real");
+    TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
+    TORCH_CHECK(grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
+    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
+                "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
+    check_companion(p, grads[i], "grads", i);
+    check_companion(p, exp_avgs[i], "exp_avgs", i);
+    check_companion(p, second_moments[i], "second_moments", i);
+    if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);
+    if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
+    const at::Tensor& step_t = state_steps[i];
+    TORCH_CHECK(step_t.numel() == 1 && step_t.device() == device && step_t.scalar_type() == at::kFloat,
+                "instrumented_adam: state_steps[", i, "] must be a one-element float32 tensor on ", device, " (got ",
+                step_t.scalar_type(), " on ", step_t.device(), "), as torch's fused Adam keeps it");
+
+    HostTensor& h = tensors[static_cast<size_t>(i)];
+    h.param = p.data_ptr();
+    h.grad = grads[i].data_ptr();
+    h.exp_avg = exp_avgs[i].data_ptr();
+    h.second = second_moments[i].data_ptr();
+    h.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
+    h.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].const_data_ptr();
+    h.step = step_t.data_ptr<float>();
+    h.numel = p.numel();
+    h.stats_row = stat_rows.empty() ? i : stat_rows[i];
+    h.dtype = to_dtype(p);
+  }
+  args.prev_dot = args.stats != nullptr && !prev_epoch_steps.empty();
+
+  // Everything is validated: only now allocate and launch (a bad argument leaves the state untouched).
+  at::Tensor partials;
+  if (args.stats != nullptr) {
+    const int64_t rows = num_partials(tensors.data(), n);
+    partials = at::empty({std::max<int64_t>(rows, 1) * kNumStats}, at::TensorOptions().dtype(at::kDouble).device(device));
+    args.partials = partials.data_ptr<double>();
+  }
+  LaunchLimits limits;
+  limits.max_tensors = static_cast<int>(std::min<int64_t>(env_limit("IA_CUDA_MAX_TENSORS_PER_LAUNCH"), 1 << 30));
+  limits.max_blocks = env_limit("IA_CUDA_MAX_BLOCKS_PER_LAUNCH");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  C10_CUDA_CHECK(launch_fused_step(args, tensors.data(), n, limits, stream));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instrumented_adam, CUDA, m) {
+  m.impl("fused_step", &fused_step_cuda);
+}
+
+}  // namespace instrumented_adam::cuda

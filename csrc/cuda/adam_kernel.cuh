@@ -1,0 +1,378 @@
+// The CUDA update kernel of instrumented_adam::fused_step and what it shares with the second stage.
+// The templates are instantiated once per storage type in adam_kernel_<type>.cu (the compiles run
+// in parallel); adam_launch.cu holds the second stage and the host side of the step.
+// Raw pointers and CUDA runtime only (no torch headers): the glue is adam_cuda.cpp. Design notes,
+// parity expectations and the commands a GPU session runs: docs/cuda.md.
+//
+//   update_kernel     one block per (tensor, chunk of kChunk elements). Each thread walks the chunk
+//                     in 16-byte vectors (4 fp32, 8 bf16/fp16, 2 fp64 elements per load of each
+//                     array), all loads of an iteration issued before the arithmetic; a scalar loop
+//                     takes a tensor's tail and tensors whose pointers are not 16-byte aligned.
+//                     Statistics (a template flag: off compiles to the plain update loop) are summed
+//                     per thread in the compute type, then reduced over the block in double by a
+//                     fixed shuffle tree into one partial row per block. No atomics anywhere.
+//   finalize_kernel   one block per tensor: sums the tensor's partial rows in a fixed order into its
+//                     float64 statistics row (zeros after a found_inf step) and advances its step.
+//   steps_kernel      statistics off: only advances the step counters.
+//
+// The step counter is read on the device (step + 1, exactly as torch's _foreach_add_(steps, 1)) by
+// every block and written back by the second stage, which runs after every update block on the
+// stream; lr (lr_tensor), grad_scale and found_inf are read on the device too. Nothing is copied
+// from or to the host and nothing is allocated here: the work list travels as kernel parameters and
+// the partials buffer comes from the glue (torch's caching allocator), so a step can be captured in
+// a CUDA graph.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "adam_cuda.h"
+
+namespace instrumented_adam::cuda::detail {
+
+// ---- storage types: loads convert exactly to the compute type O, stores round to nearest even ----
+template <class T>
+struct Traits;
+template <>
+struct Traits<float> {
+  using O = float;
+  static __device__ __forceinline__ O load(float x) { return x; }
+  static __device__ __forceinline__ float store(O x) { return x; }
+};
+template <>
+struct Traits<double> {
+  using O = double;
+  static __device__ __forceinline__ O load(double x) { return x; }
+  static __device__ __forceinline__ double store(O x) { return x; }
+};
+template <>
+struct Traits<__nv_bfloat16> {  // bf16 and fp16 compute in fp32 registers, as torch's kernels do
+  using O = float;
+  static __device__ __forceinline__ O load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(O x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Traits<__half> {
+  using O = float;
+  static __device__ __forceinline__ O load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(O x) { return __float2half_rn(x); }
+};
+
+// ---- the per-launch work list, passed by value as kernel parameters ----
+enum Array : int { kParam, kGrad, kExpAvg, kSecond, kMaxSecond, kPrev, kNumArrays };
+
+struct LaunchTensor {
+  void* ptr[kNumArrays];  // unused arrays are null
+  const float* step;
+  int64_t numel;
+  int64_t first_chunk;  // the tensor's chunk that its first block in this launch updates
+};
+
+struct UpdateLaunch {
+  int64_t partial_base;  // partial row of block 0; a launch's blocks take consecutive rows
+  int32_t num_tensors;
+  int32_t block_begin[kMaxTensorsPerLaunch + 1];  // first block of each tensor; [num_tensors] = grid
+  LaunchTensor tensors[kMaxTensorsPerLaunch];
+};
+
+struct KernelScalars {
+  double lr, beta1, beta2, weight_decay, eps;
+  const void* lr_ptr;
+  LrSource lr_source;
+  const float* grad_scale;
+  const float* found_inf;
+  double* partials;
+  bool maximize;
+};
+
+struct FinalizeTensor {
+  float* step;
+  int64_t partial_begin;
+  int64_t num_partials;
+  int64_t row;
+};
+
+struct FinalizeLaunch {
+  int32_t num_tensors;
+  FinalizeTensor tensors[kMaxFinalizePerLaunch];
+};
+
+struct StepsLaunch {
+  int32_t num_tensors;
+  float* steps[kMaxFinalizePerLaunch];
+};
+
+// CUDA 12.1+ takes up to 32764 bytes of kernel parameters (sm_70 and newer).
+static_assert(sizeof(UpdateLaunch) + sizeof(KernelScalars) <= 32764, "update launch parameters too large");
+static_assert(sizeof(FinalizeLaunch) + 3 * sizeof(void*) <= 32764, "finalize launch parameters too large");
+static_assert(kChunk % (kThreads * 8) == 0, "a chunk must be a whole number of block-wide vector steps");
+static_assert(kThreads % 32 == 0 && kFinalizeThreads % 32 == 0, "blocks must be whole warps");
+
+// lr from the lr_tensor on the device (exactly: every source dtype converts to double exactly).
+__device__ __forceinline__ double read_lr(const KernelScalars& s) {
+  if (s.lr_ptr == nullptr) return s.lr;
+  switch (s.lr_source) {
+    case LrSource::kFloat: return static_cast<double>(*static_cast<const float*>(s.lr_ptr));
+    case LrSource::kDouble: return *static_cast<const double*>(s.lr_ptr);
+    case LrSource::kBFloat16: return static_cast<double>(__bfloat162float(*static_cast<const __nv_bfloat16*>(s.lr_ptr)));
+    case LrSource::kHalf: return static_cast<double>(__half2float(*static_cast<const __half*>(s.lr_ptr)));
+    default: return s.lr;
+  }
+}
+
+// ---- the update rules ----
+// Adam and AdamW: torch.optim.Adam(fused=True)'s CUDA arithmetic (adam_math.h, torch_cuda).
+template <Algorithm algo, bool amsgrad, class O>
+struct Rule {
+  torch_cuda::AdamCoefficients<O> c;
+  bool maximize;
+  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
+      : c(torch_cuda::make_adam_coefficients<O>(lr, s.beta1, s.beta2, s.weight_decay, s.eps, step)),
+        maximize(s.maximize) {}
+  __device__ __forceinline__ void apply(O& p, O g, O& m, O& v, O& vmax, O& moment, O& denom) const {
+    torch_cuda::adam_update<algo, amsgrad>(p, g, m, v, vmax, c, maximize, moment, denom);
+  }
+  __device__ __forceinline__ O step_size() const { return c.step_size; }
+};
+
+// Adamax: torch has no fused kernel; the shared formulas (torch's single-tensor path, as on the
+// CPU), with the coefficients computed on the device from the device step.
+template <bool amsgrad, class O>
+struct Rule<Algorithm::kAdamax, amsgrad, O> {
+  ElementCoefficients<O> c;
+  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
+      : c(make_coefficients<O>(StepScalars{lr, s.beta1, s.beta2, s.eps, s.weight_decay, static_cast<double>(step)},
+                               s.maximize, false)) {
+    // With lr as a tensor torch's single-tensor Adamax computes the step size as a tensor operation
+    // in lr's dtype: float(lr) / float(1 - beta1^t), rounded to bf16/fp16 for those (the CPU glue,
+    // adamax_tensor_lr_step_size in cpu/adam_cpu.cpp, does the same).
+    if (s.lr_source != LrSource::kHost && s.lr_source != LrSource::kDouble) {
+      const double bias_correction1 = 1 - std::pow(s.beta1, static_cast<double>(step));
+      float step_size = torch_cuda::rn_div(static_cast<float>(lr), static_cast<float>(bias_correction1));
+      if (s.lr_source == LrSource::kBFloat16) step_size = __bfloat162float(__float2bfloat16_rn(step_size));
+      if (s.lr_source == LrSource::kHalf) step_size = __half2float(__float2half_rn(step_size));
+      c.step_size = static_cast<O>(step_size);
+      c.neg_step_size = static_cast<O>(-step_size);
+    }
+  }
+  __device__ __forceinline__ void apply(O& p, O g, O& m, O& v, O& vmax, O& moment, O& denom) const {
+    update_element<Algorithm::kAdamax>(p, g, m, v, vmax, c, moment, denom);
+  }
+  __device__ __forceinline__ O step_size() const { return c.step_size; }
+};
+
+// One element: unscale (and store back) the gradient, update, store, accumulate the statistics.
+// The values live in the caller's registers (a vector's lanes) in the storage type.
+template <class T, Algorithm algo, bool amsgrad, bool kStats, bool kPrev>
+struct ElementStep {
+  using O = typename Traits<T>::O;
+  Rule<algo, amsgrad, O> rule;
+  ElementCoefficients<O> stats_coeff;  // only step_size is read (accumulate_stats' eff_lr)
+  O scale;
+  bool unscale;
+
+  __device__ __forceinline__ ElementStep(const KernelScalars& s, double lr, float step)
+      : rule(s, lr, step), stats_coeff{}, scale(O(1)), unscale(s.grad_scale != nullptr) {
+    stats_coeff.step_size = rule.step_size();
+    if (unscale) scale = static_cast<O>(*s.grad_scale);
+  }
+
+  __device__ __forceinline__ void operator()(T& p_s, T& g_s, T& m_s, T& v_s, T& vmax_s, const T& prev_s,
+                                             O* acc) const {
+    O g = Traits<T>::load(g_s);
+    if (unscale) {
+      g = torch_cuda::rn_div(g, scale);
+      g_s = Traits<T>::store(g);
+    }
+    O p = Traits<T>::load(p_s);
+    const O p_old = p;
+    O m = Traits<T>::load(m_s);
+    O v = Traits<T>::load(v_s);
+    O vmax = amsgrad ? Traits<T>::load(vmax_s) : O(0);
+    O moment, denom;
+    rule.apply(p, g, m, v, vmax, moment, denom);
+    p_s = Traits<T>::store(p);
+    m_s = Traits<T>::store(m);
+    v_s = Traits<T>::store(v);
+    if constexpr (amsgrad) vmax_s = Traits<T>::store(vmax);
+    if constexpr (kStats) {
+      const O p_new = Traits<T>::load(p_s);  // the value as stored: Δθ is the change actually applied
+      const O prev = kPrev ? Traits<T>::load(prev_s) : O(0);
+      accumulate_stats<kPrev>(acc, g, m, moment, denom, p_new - p_old, p_new, prev, stats_coeff);
+    }
+  }
+};
+
+// ---- deterministic block reduction of kNumStats values (sums, and the max of eff_lr_max) ----
+__device__ __forceinline__ double combine(int stat, double a, double b) {
+  return stat == k_eff_lr_max ? ia_maximum(a, b) : a + b;
+}
+
+__device__ __forceinline__ double warp_reduce(int stat, double x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = combine(stat, x, __shfl_down_sync(0xffffffffu, x, offset));
+  return x;  // lane 0 holds the warp's result
+}
+
+// On return thread 0 holds the block's result in x. The order of every addition is fixed by the
+// block size alone. (0 is the identity of the max too: effective step sizes are >= 0 or NaN.)
+template <int kBlock>
+__device__ __forceinline__ void block_reduce(double (&x)[kNumStats]) {
+  constexpr int kWarps = kBlock / 32;
+  __shared__ double shared[kWarps][kNumStats];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int s = 0; s < kNumStats; ++s) x[s] = warp_reduce(s, x[s]);
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < kNumStats; ++s) shared[warp][s] = x[s];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int s = 0; s < kNumStats; ++s) x[s] = warp_reduce(s, lane < kWarps ? shared[lane][s] : 0.0);
+  }
+}
+
+enum class Stats : int { kOff, kOn, kOnPrev };
+
+template <class T, Algorithm algo, bool amsgrad, Stats stats>
+__global__ void __launch_bounds__(kThreads)
+    update_kernel(const __grid_constant__ UpdateLaunch launch, const __grid_constant__ KernelScalars s) {
+  using O = typename Traits<T>::O;
+  constexpr bool kStats = stats != Stats::kOff;
+  constexpr bool kPrev = stats == Stats::kOnPrev;
+  constexpr int kVec = 16 / sizeof(T);
+  struct alignas(16) Pack {
+    T v[kVec];
+  };
+
+  // GradScaler found inf/NaN gradients: the whole step is skipped (the second stage zeroes the
+  // statistics and leaves the step counters alone).
+  if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;
+
+  // This block's tensor: the last one whose first block is <= blockIdx.x (uniform over the block).
+  const int block = static_cast<int>(blockIdx.x);
+  int lo = 0, hi = launch.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (launch.block_begin[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  const LaunchTensor& t = launch.tensors[lo];
+  const int64_t begin = (t.first_chunk + (block - launch.block_begin[lo])) * kChunk;
+  const int64_t n = min(kChunk, t.numel - begin);
+
+  T* const __restrict__ param = static_cast<T*>(t.ptr[kParam]) + begin;
+  T* const __restrict__ grad = static_cast<T*>(t.ptr[kGrad]) + begin;
+  T* const __restrict__ exp_avg = static_cast<T*>(t.ptr[kExpAvg]) + begin;
+  T* const __restrict__ second = static_cast<T*>(t.ptr[kSecond]) + begin;
+  T* const __restrict__ max_second = amsgrad ? static_cast<T*>(t.ptr[kMaxSecond]) + begin : nullptr;
+  const T* const __restrict__ prev = kPrev ? static_cast<const T*>(t.ptr[kPrev]) + begin : nullptr;
+
+  // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
+  const float step = *t.step + 1.0f;
+  const double lr = read_lr(s);
+  const ElementStep<T, algo, amsgrad, kStats, kPrev> element(s, lr, step);
+
+  O acc[kNumStats];
+#pragma unroll
+  for (int k = 0; k < kNumStats; ++k) acc[k] = O(0);
+
+  const uintptr_t addresses = reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(grad) |
+                              reinterpret_cast<uintptr_t>(exp_avg) | reinterpret_cast<uintptr_t>(second) |
+                              reinterpret_cast<uintptr_t>(max_second) | reinterpret_cast<uintptr_t>(prev);
+  int64_t scalar_begin = 0;
+  if (addresses % 16 == 0) {
+    const int64_t num_vecs = n / kVec;
+    for (int64_t k = threadIdx.x; k < num_vecs; k += kThreads) {
+      Pack p = reinterpret_cast<const Pack*>(param)[k];
+      Pack g = reinterpret_cast<const Pack*>(grad)[k];
+      Pack m = reinterpret_cast<const Pack*>(exp_avg)[k];
+      Pack v = reinterpret_cast<const Pack*>(second)[k];
+      Pack vmax, q;
+      if constexpr (amsgrad) vmax = reinterpret_cast<const Pack*>(max_second)[k];
+      if constexpr (kPrev) q = reinterpret_cast<const Pack*>(prev)[k];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) element(p.v[j], g.v[j], m.v[j], v.v[j], vmax.v[j], q.v[j], acc);
+      reinterpret_cast<Pack*>(param)[k] = p;
+      reinterpret_cast<Pack*>(exp_avg)[k] = m;
+      reinterpret_cast<Pack*>(second)[k] = v;
+      if constexpr (amsgrad) reinterpret_cast<Pack*>(max_second)[k] = vmax;
+      if (element.unscale) reinterpret_cast<Pack*>(grad)[k] = g;
+    }
+    scalar_begin = num_vecs * kVec;
+  }
+  // The tail (fewer than kVec elements), or the whole chunk when a pointer is not 16-byte aligned.
+  for (int64_t i = scalar_begin + threadIdx.x; i < n; i += kThreads) {
+    T p = param[i], g = grad[i], m = exp_avg[i], v = second[i], vmax, q;
+    if constexpr (amsgrad) vmax = max_second[i];
+    if constexpr (kPrev) q = prev[i];
+    element(p, g, m, v, vmax, q, acc);
+    param[i] = p;
+    exp_avg[i] = m;
+    second[i] = v;
+    if constexpr (amsgrad) max_second[i] = vmax;
+    if (element.unscale) grad[i] = g;
+  }
+
+  if constexpr (kStats) {
+    double x[kNumStats];
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) x[k] = static_cast<double>(acc[k]);
+    block_reduce<kThreads>(x);
+    if (threadIdx.x == 0) {
+      double* out = s.partials + (launch.partial_base + block) * kNumStats;
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) out[k] = x[k];
+    }
+  }
+}
+
+// ---- host side: one update launch ----
+template <class T, Algorithm algo, bool amsgrad>
+void launch_update_typed(Stats mode, const UpdateLaunch& launch, int64_t blocks, const KernelScalars& s,
+                         cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(blocks));
+  switch (mode) {
+    case Stats::kOff: update_kernel<T, algo, amsgrad, Stats::kOff><<<grid, kThreads, 0, stream>>>(launch, s); break;
+    case Stats::kOn: update_kernel<T, algo, amsgrad, Stats::kOn><<<grid, kThreads, 0, stream>>>(launch, s); break;
+    case Stats::kOnPrev:
+      update_kernel<T, algo, amsgrad, Stats::kOnPrev><<<grid, kThreads, 0, stream>>>(launch, s);
+      break;
+  }
+}
+
+// Launches update_kernel for storage type T over `launch` (`blocks` blocks) on `stream`.
+template <class T>
+void launch_update(Algorithm algo, bool amsgrad, Stats mode, const UpdateLaunch& launch, int64_t blocks,
+                   const KernelScalars& s, cudaStream_t stream) {
+  switch (algo) {
+    case Algorithm::kAdam:
+      if (amsgrad) launch_update_typed<T, Algorithm::kAdam, true>(mode, launch, blocks, s, stream);
+      else launch_update_typed<T, Algorithm::kAdam, false>(mode, launch, blocks, s, stream);
+      break;
+    case Algorithm::kAdamW:
+      if (amsgrad) launch_update_typed<T, Algorithm::kAdamW, true>(mode, launch, blocks, s, stream);
+      else launch_update_typed<T, Algorithm::kAdamW, false>(mode, launch, blocks, s, stream);
+      break;
+    case Algorithm::kAdamax:  // no amsgrad variant
+      launch_update_typed<T, Algorithm::kAdamax, false>(mode, launch, blocks, s, stream);
+      break;
+  }
+}
+
+// Instantiated in adam_kernel_<type>.cu, one translation unit per type.
+extern template void launch_update<float>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
+                                          const KernelScalars&, cudaStream_t);
+extern template void launch_update<double>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
+                                           const KernelScalars&, cudaStream_t);
+extern template void launch_update<__nv_bfloat16>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
+                                                  const KernelScalars&, cudaStream_t);
+extern template void launch_update<__half>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
+                                           const KernelScalars&, cudaStream_t);
+
+}  // namespace instrumented_adam::cuda::detail
