@@ -47,6 +47,34 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _sumsq_f64(t: Tensor) -> Tensor:
+    """Σ t² in float64, chunked like end_epoch (so a recomputation gives the same bits)."""
+    flat = _flat(t)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for lo in range(0, flat.numel(), _EPOCH_CHUNK):
+        chunk = flat[lo : lo + _EPOCH_CHUNK].double()
+        total = total + chunk.dot(chunk)
+    return total
+
+
+def _flat(t: Tensor) -> Tensor:
+    """t as one dimension in storage order: a view whenever t is dense, so writes reach t.
+
+    `reshape(-1)` copies a dense but non-contiguous tensor (transposed, channels_last), and
+    end_epoch writes θ_end and s_k through these views. A parameter and its epoch buffers share
+    their strides (they are created with preserve_format and re-laid out on load), so the same
+    storage order pairs the same elements. A non-dense parameter (a strided slice) is only read:
+    its copy comes in logical order, which is the order of its (then contiguous) buffers.
+    """
+    t = _real(t)
+    if t.is_contiguous():
+        return t.view(-1)
+    if _is_dense(t):
+        order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
+        return t.permute(order).view(-1)
+    return t.reshape(-1)
+
+
 def _real(t: Tensor) -> Tensor:
     """Complex tensors are updated as pairs of reals, as torch.optim does."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -81,14 +109,39 @@ class _Layout:
     stats: Tensor | None  # [rows, NUM_STATS] float64, filled by each step
 
 
+class _Bookkeeping:
+    """The instrumentation's mutable bookkeeping, kept in a plain object beside the optimizer.
+
+    Inside a torch.compile region Dynamo models a torch.optim.Optimizer specially and silently
+    drops attribute assignments made on it (torch 2.13: `opt.x = ...` in a compiled step is lost
+    after the graph runs), while it replays assignments on plain objects. Everything step()
+    changes besides `state` therefore lives here, so a compiled step keeps the counters, the
+    statistics buffer and the plan cache.
+    """
+
+    def __init__(self, steps_done: int = 0, epochs_done: int = 0) -> None:
+        self.plans: dict[int, _GroupPlan] = {}
+        self.layout: _Layout | None = None
+        self.steps_done = steps_done  # step() calls so far (an exact integer, unlike a float32 counter)
+        self.epochs_done = epochs_done  # end_epoch() calls so far
+        # epochs_done > 0, kept as a bool: the step branches on it, and under torch.compile an int
+        # counter that changes becomes symbolic, which Dynamo (2.13) fails to compare in a tuple.
+        self.has_prev_epoch = epochs_done > 0
+        self.prev_step_sumsq: Tensor | None = None  # ‖s_{k-1}‖² per parameter row
+        # Elements per statistics row that took part in the last step (0 for a parameter without
+        # a gradient): the per-element means divide by these.
+        self.active_numel: Tensor | None = None
+
+
 class _Instrumented:
     """The fused instrumented step, for a torch.optim Adam-family class placed after it."""
 
     _second_moment_key = "exp_avg_sq"
+    #: torch.optim's message for a sparse gradient (Adam and AdamW share Adam's).
+    _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, **kwargs: Any) -> None:
-        self._plans: dict[int, _GroupPlan] = {}
-        self._layout: _Layout | None = None
+        self._ia = _Bookkeeping()
         super().__init__(*args, **kwargs)
         for group in self.param_groups:
             if group.get("differentiable"):
@@ -98,32 +151,69 @@ class _Instrumented:
         # The kernel unscales gradients and skips inf steps itself (GradScaler passes
         # grad_scale / found_inf instead of synchronising), like torch's fused optimizers.
         self._step_supports_amp_scaling = True
-        self.steps_done = 0  #: step() calls so far (an exact integer, unlike a float32 counter)
-        self.epochs_done = 0  #: end_epoch() calls so far
-        self._prev_step_sumsq: Tensor | None = None  # ‖s_{k-1}‖² per parameter row
+
+    # ---- bookkeeping (see _Bookkeeping) -----------------------------------------------------
+    @property
+    def steps_done(self) -> int:
+        """step() calls so far (an exact integer, unlike a float32 counter)."""
+        return self._ia.steps_done
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self._ia.steps_done = int(value)
+
+    @property
+    def epochs_done(self) -> int:
+        """end_epoch() calls so far."""
+        return self._ia.epochs_done
+
+    @epochs_done.setter
+    def epochs_done(self, value: int) -> None:
+        self._ia.epochs_done = int(value)
+        self._ia.has_prev_epoch = self._ia.epochs_done > 0
+
+    @property
+    def _layout(self) -> _Layout | None:
+        # Read by the recorder to reach the live statistics buffer without a copy.
+        return self._ia.layout
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles only defaults/state/param_groups; a copy (copy.deepcopy, pickle,
+        # multiprocessing) also needs the instrumentation settings and counters. Buffers and
+        # plans are rebuilt on the next step.
+        state = super().__getstate__()
+        state["statistics"] = self.statistics
+        state["epoch_geometry"] = self.epoch_geometry
+        state["_step_supports_amp_scaling"] = True
+        state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done)
+        return state
 
     # ---- structure --------------------------------------------------------------------------
     def _algorithm(self, group: dict) -> Algorithm:
         return Algorithm.ADAMW if group.get("decoupled_weight_decay") else Algorithm.ADAM
 
     def _invalidate(self) -> None:
-        self._plans = {}
-        self._layout = None
+        self._ia.plans = {}
+        self._ia.layout = None
+        self._ia.prev_step_sumsq = None  # recomputed from the state when next needed
+        self._ia.active_numel = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_plans"):
+        if "_ia" in self.__dict__:  # not while torch's __init__ adds the first groups
             self._invalidate()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        if "_ia" not in self.__dict__:
+            self._ia = _Bookkeeping()
         self._invalidate()
 
     def _get_layout(self) -> _Layout:
         num_params = tuple(len(g["params"]) for g in self.param_groups)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None else torch.device("cpu")
-        layout = self._layout
+        layout = self._ia.layout
         if layout is not None and layout.num_params == num_params and layout.device == device:
             if layout.stats is not None or not self.statistics:
                 return layout
@@ -141,15 +231,17 @@ class _Instrumented:
         numel = torch.tensor([float(p.numel()) for p in all_params], dtype=torch.float64, device=device)
         groups = torch.tensor([i for i, n in enumerate(num_params) for _ in range(n)], dtype=torch.long, device=device)
         stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
-        self._layout = _Layout(num_params, device, offsets, numel, groups, stats)
-        self._plans = {}
-        return self._layout
+        layout = self._ia.layout = _Layout(num_params, device, offsets, numel, groups, stats)
+        self._ia.plans = {}
+        self._ia.prev_step_sumsq = None  # rows changed: recomputed from the state when needed
+        self._ia.active_numel = None
+        return layout
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if len(state) == 0:
             if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+                raise RuntimeError(self._sparse_message)
             # torch's fused layout: a float32 step on the parameter's device.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -163,20 +255,37 @@ class _Instrumented:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
             elif step.device != p.device:  # e.g. a checkpoint of torch's non-fused Adam on CUDA
                 state["step"] = step.to(device=p.device, dtype=torch.float32)
+            self._match_layout(p, state)
         if group.get("amsgrad") and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if self.epoch_geometry:
             if EPOCH_START_KEY not in state:
                 state[EPOCH_START_KEY] = p.detach().clone(memory_format=torch.preserve_format)
                 state[INITIAL_PARAM_KEY] = p.detach().clone(memory_format=torch.preserve_format)
-            if self.epochs_done > 0 and PREV_EPOCH_STEP_KEY not in state:
+            if self._ia.has_prev_epoch and PREV_EPOCH_STEP_KEY not in state:
                 state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    @staticmethod
+    def _match_layout(p: Tensor, state: dict) -> None:
+        """Gives loaded state tensors the memory layout of their parameter.
+
+        The kernel walks a parameter and its state in storage order, so they must share strides.
+        A checkpoint may hold them in another layout (saved from a contiguous model, loaded into a
+        channels_last or transposed one): copy those into the layout zeros_like(p) would have.
+        (torch's fused kernel walks them as they are, pairing the wrong elements.)
+        """
+        for key, value in list(state.items()):
+            if key == "step" or not torch.is_tensor(value) or value.shape != p.shape or value.numel() == 0:
+                continue
+            target = torch.empty_like(p, dtype=value.dtype, memory_format=torch.preserve_format)
+            if value.stride() != target.stride():
+                state[key] = target.copy_(value)
 
     def _make_plan(self, group: dict, key: tuple, indices: list[int], num_params: int) -> _GroupPlan:
         params, exp_avgs, seconds, maxes, prevs, steps, relayout = [], [], [], [], [], [], []
         amsgrad = bool(group.get("amsgrad", False))
-        track_prev = self.statistics and self.epoch_geometry and self.epochs_done > 0
+        track_prev = self.statistics and self.epoch_geometry and self._ia.has_prev_epoch
         for pos, i in enumerate(indices):
             p = group["params"][i]
             state = self._init_state(p, group)
@@ -198,6 +307,13 @@ class _Instrumented:
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Performs a single optimization step (and measures it).
 
+        Works inside torch.compile (also with fullgraph=True): Dynamo traces this method into the
+        graph, with the fused op as one node (its fake kernel is in _ops.py). The plan cache and the
+        statistics buffer are built on the first compiled call, so expect a recompile after it and
+        after each end_epoch() (eager calls between compiled steps). A Python-float lr that changes
+        every step (a scheduler) recompiles every step, as with torch's optimizers: pass lr as a
+        tensor then.
+
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
@@ -208,20 +324,35 @@ class _Instrumented:
         layout = self._get_layout()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        ia = self._ia
+        replanned = False
         for gi, group in enumerate(self.param_groups):
-            self._step_group(gi, group, layout, grad_scale, found_inf)
-        self.steps_done += 1
+            replanned |= self._step_group(gi, group, layout, grad_scale, found_inf)
+        if replanned or ia.active_numel is None:
+            # Which parameters took part changed: per-element means count only their elements.
+            stepped = [set(ia.plans[gi].indices) if gi in ia.plans else set() for gi in range(len(self.param_groups))]
+            active = [float(p.numel()) if i in stepped[gi] else 0.0
+                      for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
+            ia.active_numel = torch.tensor(active, dtype=torch.float64, device=layout.device)
+        ia.steps_done += 1
         return loss
 
-    def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> None:
+    def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:
+        """One kernel call for the group; True when its plan had to be (re)built."""
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
-        key = (has_grad, bool(group.get("amsgrad", False)), self.epochs_done > 0)
-        plan = self._plans.get(gi)
-        if plan is None or plan.key != key:
+        key = (has_grad, bool(group.get("amsgrad", False)), self._ia.has_prev_epoch)
+        plan = self._ia.plans.get(gi)
+        replanned = plan is None or plan.key != key
+        if replanned:
             indices = [i for i, h in enumerate(has_grad) if h]
-            plan = self._plans[gi] = self._make_plan(group, key, indices, len(params))
+            plan = self._ia.plans[gi] = self._make_plan(group, key, indices, len(params))
+        if not plan.indices:  # no parameter of the group has a gradient: nothing to step
+            if layout.stats is not None:
+                start = layout.offsets[gi]
+                layout.stats[start : start + len(params)].zero_()
+            return replanned
         call_grads = [grads[i] for i in plan.indices]
         call_params = plan.params
         copies: list[tuple[int, Tensor, Tensor]] = []
@@ -230,7 +361,7 @@ class _Instrumented:
             if g.is_complex():
                 g = call_grads[pos] = torch.view_as_real(g)
             if g.layout != torch.strided:
-                raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+                raise RuntimeError(self._sparse_message)
             if g.stride() != p.stride() and g.numel() > 0:
                 # The kernel walks storage linearly: give it the gradient in the parameter's layout.
                 if pos in plan.relayout:
@@ -281,23 +412,30 @@ class _Instrumented:
         if grad_scale is not None:  # the kernel unscaled the gradient copies: write them back
             for pos, original, dense in copies:
                 original.copy_(dense)
+        return replanned
 
     # ---- statistics -------------------------------------------------------------------------
     def last_step_statistics(self) -> StepStatistics:
         """The statistics of the last step, one row per parameter (a copy; no host sync)."""
-        layout = self._layout
+        ia = self._ia
+        layout = ia.layout
         if not self.statistics:
             raise RuntimeError("instrumented_adam: this optimizer was built with statistics=False")
-        if layout is None or layout.stats is None or self.steps_done == 0:
+        if layout is None or layout.stats is None or ia.steps_done == 0 or ia.active_numel is None:
             raise RuntimeError("instrumented_adam: no step has been taken yet")
+        prev_step_sumsq = None
+        if ia.has_prev_epoch and self.epoch_geometry:
+            if ia.prev_step_sumsq is None or ia.prev_step_sumsq.shape[0] != layout.stats.shape[0]:
+                ia.prev_step_sumsq = self._prev_sumsq_from_state()  # after a load or a new group
+            prev_step_sumsq = ia.prev_step_sumsq
         return StepStatistics(
             values=layout.stats.clone(),
-            numel=layout.numel,
+            numel=ia.active_numel,
             groups=layout.groups,
             num_groups=len(layout.num_params),
             names=None,
-            prev_step_sumsq=self._prev_step_sumsq if self.epochs_done > 0 else None,
-            step=self.steps_done,
+            prev_step_sumsq=prev_step_sumsq,
+            step=ia.steps_done,
         )
 
     @torch.no_grad()
@@ -322,14 +460,14 @@ class _Instrumented:
                     rows.append(torch.zeros(len(EPOCH_COLUMNS), dtype=torch.float64, device=device))
                     next_prev_sumsq.append(zero)
                     continue
-                theta, start = _real(p.detach()).reshape(-1), _real(state[EPOCH_START_KEY]).reshape(-1)
-                initial = _real(state[INITIAL_PARAM_KEY]).reshape(-1)
+                theta, start = _flat(p.detach()), _flat(state[EPOCH_START_KEY])
+                initial = _flat(state[INITIAL_PARAM_KEY])
                 prev = state.get(PREV_EPOCH_STEP_KEY)
-                prev_flat = _real(prev).reshape(-1) if prev is not None else None
+                prev_flat = _flat(prev) if prev is not None else None
                 if prev is None:
                     prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step_sumsq, dot_prev, prev_sumsq, dist_sumsq, new_prev_sumsq = zero, zero, zero, zero, zero
-                new_prev = _real(prev).reshape(-1)
+                step_sumsq, dot_prev, prev_sumsq, dist_sumsq = zero, zero, zero, zero
+                new_prev = _flat(prev)
                 for lo in range(0, theta.numel(), _EPOCH_CHUNK):
                     hi = min(lo + _EPOCH_CHUNK, theta.numel())
                     t64 = theta[lo:hi].double()
@@ -342,11 +480,9 @@ class _Instrumented:
                     d = t64 - initial[lo:hi].double()
                     dist_sumsq = dist_sumsq + d.dot(d)
                     new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to p's dtype)
-                    stored = new_prev[lo:hi].double()
-                    new_prev_sumsq = new_prev_sumsq + stored.dot(stored)
                 start.copy_(theta)
                 rows.append(torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]))
-                next_prev_sumsq.append(new_prev_sumsq)
+                next_prev_sumsq.append(_sumsq_f64(new_prev))
         values = torch.stack(rows) if rows else torch.zeros(0, len(EPOCH_COLUMNS), dtype=torch.float64, device=device)
         geometry = EpochGeometry(
             values=values,
@@ -357,9 +493,9 @@ class _Instrumented:
             epoch=self.epochs_done,
             has_previous=self.epochs_done > 0,
         )
-        self._prev_step_sumsq = torch.stack(next_prev_sumsq) if next_prev_sumsq else None
+        self._ia.prev_step_sumsq = torch.stack(next_prev_sumsq) if next_prev_sumsq else None
         self.epochs_done += 1
-        self._plans = {}  # the previous epoch's steps now take part in the step
+        self._ia.plans = {}  # the previous epoch's steps now take part in the step
         return geometry
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -374,13 +510,12 @@ class _Instrumented:
         self._check_state_dict(state_dict)
         counters = state_dict.get(INSTRUMENTATION_KEY, {})
         super().load_state_dict(state_dict)
+        self._invalidate()  # ‖s_{k-1}‖² is recomputed from the loaded buffers when needed
         self.steps_done = int(counters.get("steps_done", 0))
         self.epochs_done = int(counters.get("epochs_done", 0))
-        if self.epochs_done > 0 and self.epoch_geometry:
-            self._prev_step_sumsq = self._prev_sumsq_from_state()
-        self._invalidate()
 
     def _prev_sumsq_from_state(self) -> Tensor:
+        """‖s_{k-1}‖² per row from the stored buffers (what end_epoch computed, bit for bit)."""
         layout = self._get_layout()
         values = []
         for group in self.param_groups:
@@ -389,9 +524,8 @@ class _Instrumented:
                 if prev is None:
                     values.append(torch.zeros((), dtype=torch.float64, device=layout.device))
                 else:
-                    flat = _real(prev).reshape(-1).double()
-                    values.append(flat.dot(flat))
-        return torch.stack(values)
+                    values.append(_sumsq_f64(prev))
+        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=layout.device)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -401,6 +535,14 @@ class _Instrumented:
             raise ValueError("loaded state dict has a different number of parameter groups")
         name = type(self).__name__
         required = ("step", "exp_avg", self._second_moment_key)
+        for saved in saved_groups:
+            # A group of another optimizer (SGD: lr, momentum, ...) would load and fail at step().
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"instrumented_adam: this state_dict was not saved by {name} or torch.optim.{name}: "
+                    f"its param group has keys {sorted(k for k in saved if k != 'params')} and lacks {missing}"
+                )
         for saved, group in zip(saved_groups, self.param_groups):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -447,6 +589,7 @@ class Adamax(_Instrumented, torch.optim.Adamax):
     """
 
     _second_moment_key = "exp_inf"
+    _sparse_message = "Adamax does not support sparse gradients"
 
     def _algorithm(self, group: dict) -> Algorithm:
         return Algorithm.ADAMAX

@@ -87,7 +87,9 @@ class StepStatistics(_Table):
     """The statistics of one optimizer step, one row per parameter (all groups, in order).
 
     `values[:, j]` is the sum named `STAT_NAMES[j]` (csrc/stats_table.h defines them).
-    Parameters without a gradient at that step have a zero row.
+    Parameters without a gradient at that step have a zero row and count 0 in `numel` (as the
+    optimizer hands it out), so the per-element means of a group or overall (second_moment_mean,
+    eff_lr_mean) average over the elements that took the step, not over frozen ones.
     """
 
     prev_step_sumsq: Tensor | None = None  # ‖s_{k-1}‖² per tensor, when an epoch has ended

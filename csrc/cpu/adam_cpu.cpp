@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -51,6 +53,33 @@ double read_scalar(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
               " must be a one-element CPU tensor, got shape ", t.sizes(), " on ", t.device());
   return t.item<double>();
+}
+
+// torch.optim.Adamax has no fused kernel; ours follows its single-tensor path, which computes the
+// step size as a tensor operation when lr is a tensor: clr = lr / (1 - beta1**t), the bias
+// correction a Python float (double) rounded to float, the division done in lr's dtype (in float
+// for bf16/fp16, then rounded to that type). With a float32 lr that differs from lr / bc in double by an
+// ulp on about 1% of the steps, so we round the same way (tests/test_parity.py,
+// test_adamax_vs_torch_single_tensor[adamax-lr-tensor-*]).
+void adamax_tensor_lr_step_size(at::ScalarType lr_type, double lr, double beta1, double step, TensorArgs& t) {
+  const double bias_correction1 = 1 - std::pow(beta1, step);
+  double step_size;
+  switch (lr_type) {
+    case at::kDouble: return;  // the double computation is already torch's
+    case at::kFloat: step_size = static_cast<float>(lr) / static_cast<float>(bias_correction1); break;
+    case at::kBFloat16:  // lr is already a bf16 value; torch divides in float and rounds
+      step_size = static_cast<float>(c10::BFloat16(static_cast<float>(lr) / static_cast<float>(bias_correction1)));
+      break;
+    case at::kHalf:
+      step_size = static_cast<float>(c10::Half(static_cast<float>(lr) / static_cast<float>(bias_correction1)));
+      break;
+    default: return;
+  }
+  // torch passes -clr as addcdiv's value, which the kernel rounds to the parameter's type.
+  t.coeff_float.step_size = static_cast<float>(step_size);
+  t.coeff_float.neg_step_size = static_cast<float>(-step_size);
+  t.coeff_double.step_size = step_size;
+  t.coeff_double.neg_step_size = -step_size;
 }
 
 using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
@@ -171,6 +200,9 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     const StepScalars scalars{lr, beta1, beta2, eps, weight_decay, step};
     tensors[i].coeff_float = make_coefficients<float>(scalars, maximize, amsgrad);
     tensors[i].coeff_double = make_coefficients<double>(scalars, maximize, amsgrad);
+    if (algo == Algorithm::kAdamax && lr_tensor.has_value()) {
+      adamax_tensor_lr_step_size(lr_tensor->scalar_type(), lr, beta1, step, tensors[i]);
+    }
   }
 
   const int64_t num_items = static_cast<int64_t>(items.size());
