@@ -75,6 +75,20 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
+def _host_list_to(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small list as a tensor on `device` without a blocking host-to-device copy.
+
+    `torch.tensor(values, device="cuda")` copies synchronously (set_sync_debug_mode("error")
+    flags it and it cannot run under graph capture); from pinned memory the copy is queued on
+    the stream like any kernel. The pinned source stays alive until the copy ran (the caching
+    host allocator records the stream use).
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _real(t: Tensor) -> Tensor:
     """Complex tensors are updated as pairs of reals, as torch.optim does."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -228,8 +242,8 @@ class _Instrumented:
             offsets.append(start)
             start += n
         all_params = [p for g in self.param_groups for p in g["params"]]
-        numel = torch.tensor([float(p.numel()) for p in all_params], dtype=torch.float64, device=device)
-        groups = torch.tensor([i for i, n in enumerate(num_params) for _ in range(n)], dtype=torch.long, device=device)
+        numel = _host_list_to([float(p.numel()) for p in all_params], torch.float64, device)
+        groups = _host_list_to([i for i, n in enumerate(num_params) for _ in range(n)], torch.long, device)
         stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
         layout = self._ia.layout = _Layout(num_params, device, offsets, numel, groups, stats)
         self._ia.plans = {}
@@ -333,7 +347,7 @@ class _Instrumented:
             stepped = [set(ia.plans[gi].indices) if gi in ia.plans else set() for gi in range(len(self.param_groups))]
             active = [float(p.numel()) if i in stepped[gi] else 0.0
                       for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
-            ia.active_numel = torch.tensor(active, dtype=torch.float64, device=layout.device)
+            ia.active_numel = _host_list_to(active, torch.float64, layout.device)
         ia.steps_done += 1
         return loss
 
