@@ -1,0 +1,217 @@
+"""Exports of a run store: TensorBoard event files, CSV and Parquet.
+
+TensorBoard tags follow what users already see from PyTorch Lightning and their own loggers
+(x axis: the optimizer step, for every tag; epoch rows at the epoch's last step):
+
+    lr-<Optimizer>[/pg<i>]              learning rate (Lightning's LearningRateMonitor names;
+    lr-<Optimizer>[/pg<i>]-momentum       /pg<i> only with several param groups, 1-based)
+    lr-<Optimizer>[/pg<i>]-weight_decay   beta1 as "momentum", as Lightning logs it for Adam
+    optimizer/<figure>                  overall step figures (update_norm, grad_norm, ...)
+    optimizer/beta2, optimizer/eps      the other hyperparameters in force
+    optimizer/pg<i>/<figure>            per-group step figures (several groups only)
+    epoch                               the epoch index (as Lightning logs it)
+    epoch/<figure>                      epoch geometry (step_norm, cos_prev, distance_from_init, ...)
+                                        and epoch aggregates (update_norm_mean, ..._min, ..._max)
+    <metric>                            user metrics under their own names (train_loss, val_loss)
+    layers/<parameter name>/<figure>    per-tensor epoch figures
+
+CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics), the
+frames of `RunStore`'s loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from .store import HYPER_COLUMNS, RunStore
+
+_TABLES = ("runs", "steps", "step_groups", "epochs", "layers", "metrics")
+_STEP_KEYS = frozenset({"run_id", "step", "epoch", "grp", *HYPER_COLUMNS})
+_EPOCH_KEYS = frozenset({"run_id", "epoch", "step", "num_steps", "recorded_steps", "wall_time", *HYPER_COLUMNS})
+_LAYER_KEYS = frozenset({"run_id", "epoch", "layer_index", "layer", "grp", "numel"})
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class TensorBoardLogger:
+    """Writes recorder rows as TensorBoard scalars (see the module docstring for the tags).
+
+    Used by `Recorder(tensorboard=logdir)` while training and by `to_tensorboard` after it.
+    """
+
+    def __init__(self, logdir: str | Path, optimizer_name: str = "Adam", num_groups: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and optional
+
+        self.logdir = Path(logdir)
+        self.writer = SummaryWriter(log_dir=str(self.logdir))
+        self.optimizer_name = optimizer_name
+        self.num_groups = num_groups
+
+    def _scalar(self, tag: str, value: Any, step: int, walltime: float | None = None) -> None:
+        if _finite(value):  # NaN (undefined cosine) is left out rather than drawn as a gap marker
+            self.writer.add_scalar(tag, float(value), int(step), walltime=walltime)
+
+    def _lr_tags(self, row: Mapping[str, Any], step: int, group: int | None) -> None:
+        name = f"lr-{self.optimizer_name}" + (f"/pg{group + 1}" if group is not None else "")
+        self._scalar(name, row.get("lr"), step)
+        self._scalar(f"{name}-momentum", row.get("beta1"), step)
+        self._scalar(f"{name}-weight_decay", row.get("weight_decay"), step)
+
+    def log_steps(self, rows: Iterable[Mapping[str, Any]], group_rows: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Step rows (overall figures, hyperparameters of group 0) and per-group rows."""
+        group_rows = list(group_rows)
+        several = len({r["grp"] for r in group_rows}) > 1 or (self.num_groups or 1) > 1
+        for row in rows:
+            step = row["step"]
+            if not several:
+                self._lr_tags(row, step, None)
+            for key in ("beta2", "eps"):
+                self._scalar(f"optimizer/{key}", row.get(key), step)
+            for key, value in row.items():
+                if key not in _STEP_KEYS:
+                    self._scalar(f"optimizer/{key}", value, step)
+        if several:
+            for row in group_rows:
+                g, step = int(row["grp"]), row["step"]
+                self._lr_tags(row, step, g)
+                for key, value in row.items():
+                    if key not in _STEP_KEYS:
+                        self._scalar(f"optimizer/pg{g + 1}/{key}", value, step)
+
+    def log_epoch(self, row: Mapping[str, Any], metrics: Mapping[str, float], layers: Sequence[Mapping[str, Any]] = ()) -> None:
+        """An epoch row with its metrics and per-layer rows, at the epoch's last step."""
+        step = int(row["step"])
+        walltime = row.get("wall_time") if _finite(row.get("wall_time")) else None
+        self._scalar("epoch", row["epoch"], step, walltime)
+        for key, value in row.items():
+            if key not in _EPOCH_KEYS and key not in metrics:
+                self._scalar(f"epoch/{key}", value, step, walltime)
+        self.log_metrics(row["epoch"], step, metrics, walltime)
+        for layer in layers:
+            name = str(layer["layer"])
+            for key, value in layer.items():
+                if key not in _LAYER_KEYS:
+                    self._scalar(f"layers/{name}/{key}", value, step, walltime)
+
+    def log_metrics(self, epoch: int, step: int | None, metrics: Mapping[str, float], walltime: float | None = None) -> None:
+        """User metrics under their own names (at `step`, or at `epoch` when the step is unknown)."""
+        for name, value in metrics.items():
+            self._scalar(name, value, step if step is not None else epoch, walltime)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _open(store: RunStore | str | Path) -> tuple[RunStore, bool]:
+    return (store, False) if isinstance(store, RunStore) else (RunStore(store), True)
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return df.to_dict("records")
+
+
+def to_tensorboard(store: RunStore | str | Path, logdir: str | Path, run: int | str | None = None, *, layers: bool = True) -> list[Path]:
+    """Writes TensorBoard event files of one run (or all runs, one subdirectory each).
+
+    A run goes to ``<logdir>/<run_id>-<name>`` so that TensorBoard shows runs side by side.
+    Returns the run directories written.
+    """
+    store, owned = _open(store)
+    try:
+        runs = store.runs()
+        if run is not None:
+            runs = runs[runs["run_id"] == store.run_id(run)]
+        written = []
+        for info in _records(runs):
+            run_id = int(info["run_id"])
+            directory = Path(logdir) / f"{run_id}-{info['name']}"
+            logger = TensorBoardLogger(directory, optimizer_name=info.get("optimizer") or "Adam",
+                                       num_groups=None if pd.isna(info.get("num_groups")) else int(info["num_groups"]))
+            try:
+                steps = store.steps(run_id).drop(columns=["run_id"])
+                group_rows = _records(store.step_groups(run_id).drop(columns=["run_id"])) if logger.num_groups and logger.num_groups > 1 else []
+                logger.log_steps(_records(steps), group_rows)
+                epochs = store.epochs(run_id, with_metrics=False)
+                metrics = store.metrics(run_id)
+                layer_frame = store.layers(run_id) if layers else None
+                for row in _records(epochs):
+                    epoch = row["epoch"]
+                    m = metrics[metrics["epoch"] == epoch]
+                    layer_rows = _records(layer_frame[layer_frame["epoch"] == epoch]) if layer_frame is not None else []
+                    logger.log_epoch(row, dict(zip(m["name"], m["value"])), layer_rows)
+                recorded = set(epochs["epoch"])
+                late = metrics[~metrics["epoch"].isin(recorded)]
+                for epoch, m in late.groupby("epoch"):
+                    logger.log_metrics(int(epoch), None, dict(zip(m["name"], m["value"])))
+            finally:
+                logger.close()
+            written.append(directory)
+        return written
+    finally:
+        if owned:
+            store.close()
+
+
+def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
+    runs = store.runs()
+    if run is not None:
+        runs = runs[runs["run_id"] == store.run_id(run)]
+    runs = runs.copy()
+    for col in ("hyperparameters", "optimizer_config"):  # nested values: JSON text in flat files
+        runs[col] = runs[col].map(lambda v: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
+    return {
+        "runs": runs,
+        "steps": store.steps(run),
+        "step_groups": store.step_groups(run),
+        "epochs": store.epochs(run),
+        "layers": store.layers(run),
+        "metrics": store.metrics(run),
+    }
+
+
+def to_csv(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
+    """Writes runs/steps/step_groups/epochs/layers/metrics.csv of one run (or all) to `directory`."""
+    store, owned = _open(store)
+    try:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, df in _frames(store, run).items():
+            paths[name] = out / f"{name}.csv"
+            df.to_csv(paths[name], index=False)
+        return paths
+    finally:
+        if owned:
+            store.close()
+
+
+def to_parquet(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
+    """Writes runs/steps/step_groups/epochs/layers/metrics.parquet of one run (or all) (needs pyarrow)."""
+    store, owned = _open(store)
+    try:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, df in _frames(store, run).items():
+            paths[name] = out / f"{name}.parquet"
+            df.to_parquet(paths[name], index=False)
+        return paths
+    finally:
+        if owned:
+            store.close()
+
+
+__all__ = ["TensorBoardLogger", "to_tensorboard", "to_csv", "to_parquet"]
