@@ -1,0 +1,410 @@
+"""The ``instrumented-adam`` command line.
+
+    instrumented-adam demo                         train the built-in tasks, record them, write the report
+    instrumented-adam report STORE [RUN ...]       self-contained HTML report of runs in a store
+    instrumented-adam runs STORE                   list the runs of a store
+    instrumented-adam export STORE [RUN] --format tensorboard|csv|parquet --out DIR
+
+User errors (a missing store, an unknown run, a bad option) print one line on stderr and exit
+with a non-zero status, without a traceback: 2 for command-line usage errors (argparse's
+convention), 1 for anything else that went wrong, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+PROG = "instrumented-adam"
+
+#: Exit statuses.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DEFAULT_DEMO_DIR = Path("runs") / "demo"
+DEMO_STORE_NAME = "demo.sqlite"
+DEMO_REPORT_NAME = "report.html"
+
+
+class UserError(Exception):
+    """An error caused by what the user asked for: reported as one line, no traceback."""
+
+
+# ---- argument types (argparse turns their ValueError/ArgumentTypeError into a usage error) ----
+def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+beta = _number(float, lambda v: 0 <= v < 1, "a beta in [0, 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``instrumented-adam`` command."""
+    from .tasks import ACTIVATIONS, OPTIMIZERS, SCHEDULES, TASKS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Instrumented Adam/AdamW/Adamax: train the demo, and report, list or export recorded runs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="train the built-in tasks with the instrumented optimizer, record them and write the report",
+        description=(
+            "Trains the built-in tasks (linreg: 2-parameter linear regression whose whole path is drawn on "
+            "its loss surface; digits: the 75-50-25 MLP on scikit-learn's bundled digits) with each chosen "
+            "optimizer, records every step and epoch into a SQLite store, prints a statistics table per "
+            "epoch and writes an HTML report. Settings left out take each task's defaults."
+        ),
+    )
+    demo.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="tasks to run (default: all)")
+    demo.add_argument("--optimizer", nargs="+", choices=list(OPTIMIZERS), default=["adam", "adamax"],
+                      help="optimizers, one run per task each (default: adam adamax)")
+    demo.add_argument("--epochs", type=positive_int, help="epochs per run (default: linreg 100, digits 30)")
+    demo.add_argument("--lr", type=positive_float, help="learning rate (default: linreg 0.1; digits 1e-3, Adamax 2e-3)")
+    demo.add_argument("--weight-decay", type=nonnegative_float, help="weight decay (default: AdamW 1e-2, others 0)")
+    demo.add_argument("--betas", type=beta, nargs=2, metavar=("BETA1", "BETA2"), default=(0.9, 0.999), help="default: 0.9 0.999")
+    demo.add_argument("--eps", type=positive_float, default=1e-8, help="default: 1e-8")
+    demo.add_argument("--batch-size", type=positive_int, help="default: 32")
+    demo.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                      help="lr schedule, per epoch: cosine (to 1%% of the lr) or constant (default: cosine)")
+    demo.add_argument("--activation", choices=list(ACTIVATIONS), default="tanh", help="digits MLP activation (default: tanh)")
+    demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data, initialisation and batch order (default: 0)")
+    demo.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR,
+                      help=f"output directory for {DEMO_STORE_NAME} and {DEMO_REPORT_NAME} (default: ./{DEFAULT_DEMO_DIR})")
+    demo.add_argument("--no-report", action="store_true", help="record the runs but do not write the report")
+    demo.add_argument("--print-every", type=positive_int,
+                      help="print every N-th epoch's statistics (default: every epoch up to 30 epochs, else about 20 rows)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--threads", type=positive_int, default=1,
+                      help="torch CPU threads (default: 1 — the demo's tensors are too small to gain from more)")
+    demo.set_defaults(handler=cmd_demo)
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of runs in a store",
+                            description="Writes one HTML file (figures embedded, readable offline) for the given runs "
+                                        "(all runs of the store when none is given), overlaid per task.")
+    report.add_argument("store", type=Path, help="the run store (.sqlite)")
+    report.add_argument("runs", nargs="*", metavar="RUN", help="run names or ids (default: all runs)")
+    report.add_argument("--out", type=Path, help="the HTML file (default: the store's path with .html)")
+    report.add_argument("--title", help="page title")
+    report.add_argument("--max-lag", type=nonnegative_int, default=3,
+                        help="largest lag (epochs) of the loss correlations (default: 3)")
+    report.add_argument("--top", type=positive_int, default=15, help="rows of each ranked relation table (default: 15)")
+    report.set_defaults(handler=cmd_report)
+
+    runs = sub.add_parser("runs", help="list the runs of a store")
+    runs.add_argument("store", type=Path, help="the run store (.sqlite)")
+    runs.set_defaults(handler=cmd_runs)
+
+    export = sub.add_parser("export", help="export runs as TensorBoard event files, CSV or Parquet")
+    export.add_argument("store", type=Path, help="the run store (.sqlite)")
+    export.add_argument("run", nargs="?", help="run name or id (default: all runs)")
+    export.add_argument("--format", required=True, choices=["tensorboard", "csv", "parquet"], dest="fmt")
+    export.add_argument("--out", type=Path, required=True, help="output directory")
+    export.set_defaults(handler=cmd_export)
+    return parser
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def open_store(path: Path):
+    """Opens an existing store, with a user-facing message when it is missing or not a store."""
+    from .store import RunStore, StoreError
+
+    if not path.exists():
+        raise UserError(f"no run store at {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a run store (give the .sqlite file)")
+    try:
+        return RunStore(path)
+    except StoreError as e:
+        raise UserError(str(e)) from None
+
+
+def _resolve_runs(store, runs: Sequence[str]) -> list[int]:
+    from .store import UnknownRunError
+
+    ids = []
+    for run in runs:
+        try:
+            ids.append(store.run_id(run))
+        except UnknownRunError as e:
+            raise UserError(str(e)) from None
+    return ids
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if not math.isfinite(value) else format(value, spec)
+
+
+#: The per-epoch statistics table of the demo: (header, epoch-row key, format).
+EPOCH_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("epoch", "epoch", "d"),
+    ("train_loss", "train_loss", ".4g"),
+    ("val_loss", "val_loss", ".4g"),
+    ("val_acc", "val_accuracy", ".4f"),
+    ("lr", "lr", ".3g"),
+    ("step_norm", "step_norm", ".3g"),
+    ("cos_prev", "cos_prev", "+.3f"),
+    ("upd/param", "update_to_param_mean", ".3g"),
+    ("eff_lr", "eff_lr_mean_mean", ".3g"),
+)
+_WIDTHS = (5, 10, 10, 7, 9, 10, 8, 10, 9)
+
+
+def epoch_table_header(with_accuracy: bool) -> str:
+    """Header line of the demo's statistics table."""
+    cells = [h.rjust(w) for (h, key, _), w in zip(EPOCH_TABLE, _WIDTHS, strict=True) if with_accuracy or key != "val_accuracy"]
+    return "  ".join(cells)
+
+
+def epoch_table_row(row: dict[str, Any], with_accuracy: bool) -> str:
+    """One epoch's line of the demo's statistics table (from `Recorder.end_epoch`'s row)."""
+    cells = []
+    for (_, key, spec), width in zip(EPOCH_TABLE, _WIDTHS, strict=True):
+        if key == "val_accuracy" and not with_accuracy:
+            continue
+        value = row.get(key)
+        text = str(int(value)) if spec == "d" and value is not None else _fmt(value, spec)
+        cells.append(text.rjust(width))
+    return "  ".join(cells)
+
+
+def _print_every(epochs: int, chosen: int | None) -> int:
+    if chosen is not None:
+        return chosen
+    return 1 if epochs <= 30 else math.ceil(epochs / 20)
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Trains the chosen tasks × optimizers, prints the per-epoch table, writes the report."""
+    import torch
+    from tqdm import tqdm
+
+    from .store import RunStore
+    from .tasks import TASKS, TrainConfig, least_squares, steps_per_epoch
+
+    task_names = list(TASKS) if "all" in args.task else list(dict.fromkeys(args.task))
+    if "digits" in task_names and importlib.util.find_spec("sklearn") is None:
+        raise UserError("the digits task needs scikit-learn (its bundled digits data): pip install scikit-learn, "
+                        "or run --task linreg")
+    optimizers = list(dict.fromkeys(args.optimizer))
+    configs = []
+    for name in optimizers:
+        try:
+            configs.append(TrainConfig(
+                optimizer=name, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps,
+                epochs=args.epochs, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
+                activation=args.activation,
+            ))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    out_dir: Path = args.out
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store_path = out_dir / DEMO_STORE_NAME
+    store = RunStore(store_path, create=True)
+    before = len(store.runs())
+    if before:
+        print(f"Appending to {store_path} ({before} earlier run(s) kept; the report shows this demo's runs).")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    run_ids: list[int] = []
+    started = time.perf_counter()
+    try:
+        for task_name in task_names:
+            task = TASKS[task_name]
+            for base in configs:
+                config = task.resolve(base)
+                run_ids.append(_demo_run(task, config, store, args, tqdm, steps_per_epoch(task, config)))
+    finally:
+        torch.set_num_threads(threads)
+    train_time = time.perf_counter() - started
+    print()
+    print(f"Trained {len(run_ids)} run(s) in {train_time:.1f} s; store: {store_path.resolve()}")
+    for run_id in run_ids:
+        print("  " + _final_line(store, run_id, least_squares))
+    if args.no_report:
+        store.close()
+        print(f"Report skipped (--no-report); write it with: {PROG} report {store_path}")
+        return EXIT_OK
+    from .report import write_report
+
+    started = time.perf_counter()
+    report_path = write_report(store, out_dir / DEMO_REPORT_NAME, runs=run_ids, title="instrumented_adam demo")
+    store.close()
+    print(f"Report written in {time.perf_counter() - started:.1f} s: {report_path.resolve()}")
+    print(f"Open it in a browser (file://{report_path.resolve()}); docs/report.md explains the figures.")
+    return EXIT_OK
+
+
+def _demo_run(task, config, store, args: argparse.Namespace, tqdm, steps_per_epoch: int) -> int:
+    from .tasks import train_task
+
+    with_accuracy = task.name == "digits"
+    every = _print_every(config.epochs, args.print_every)
+    label = f"{task.name}-{config.optimizer}"
+    print()
+    print(f"== {label}: {task.description}")
+    print(f"   {config.optimizer} lr={config.lr:g} betas=({config.betas[0]:g}, {config.betas[1]:g}) eps={config.eps:g} "
+          f"weight_decay={config.weight_decay:g}, {config.schedule} schedule, {config.epochs} epochs x "
+          f"{steps_per_epoch} steps (batch {config.batch_size}), seed {config.seed}"
+          + (f"; every {every} epochs printed" if every > 1 else ""))
+    print(epoch_table_header(with_accuracy))
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=label, unit="step", leave=False, disable=args.no_progress,
+               dynamic_ncols=True, file=sys.stderr)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        epoch = int(row["epoch"])
+        if epoch % every == 0 or epoch == config.epochs - 1:
+            bar.write(epoch_table_row(row, with_accuracy), file=sys.stdout)
+        bar.set_postfix(train_loss=_fmt(row.get("train_loss"), ".3g"), refresh=False)
+
+    try:
+        result = train_task(task, config, store, run_name=label, on_epoch=on_epoch, on_step=bar.update)
+    finally:
+        bar.close()
+    return result.run_id
+
+
+def _final_line(store, run_id: int, least_squares) -> str:
+    from .tasks import LOSS_SURFACE_KEY
+
+    info = store.run_info(run_id)
+    epochs = store.epochs(run_id)
+    last = epochs.iloc[-1]
+    text = f"run {run_id} {info['name']}: train loss {_fmt(last.get('train_loss'))}, val loss {_fmt(last.get('val_loss'))}"
+    if "val_accuracy" in epochs:
+        text += f", val accuracy {_fmt(last['val_accuracy'], '.2%')}"
+    surface = (info.get("hyperparameters") or {}).get(LOSS_SURFACE_KEY)
+    if surface and all(p in epochs for p in surface["params"]):
+        got = [float(last[p]) for p in surface["params"]]
+        opt = surface["optimum"]
+        text += (f", (slope, intercept) = ({got[0]:.4f}, {got[1]:.4f}) vs least squares ({opt[0]:.4f}, {opt[1]:.4f})")
+    return text
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Writes the HTML report of runs in a store."""
+    from .report import write_report
+
+    store = open_store(args.store)
+    try:
+        ids = _resolve_runs(store, args.runs)
+        out = args.out or args.store.with_suffix(".html")
+        if out.exists() and out.is_dir():
+            raise UserError(f"--out {out} is a directory; give the HTML file's path")
+        started = time.perf_counter()
+        path = write_report(store, out, runs=ids, title=args.title, max_lag=args.max_lag, top=args.top)
+    finally:
+        store.close()
+    count = len(ids) if ids else "all"
+    print(f"Report of {count} run(s) written in {time.perf_counter() - started:.1f} s: {path.resolve()}")
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """Lists the runs of a store."""
+    import pandas as pd
+
+    store = open_store(args.store)
+    try:
+        runs = store.runs()
+        if runs.empty:
+            print(f"{args.store}: no runs")
+            return EXIT_OK
+        epochs = store.epochs(with_metrics=False)
+        counts = epochs.groupby("run_id").agg(epochs=("epoch", "size"), steps=("step", "max"))
+    finally:
+        store.close()
+    table = runs[["run_id", "name", "status", "optimizer", "seed", "parent_run", "branch_epoch", "started_at"]].copy()
+    table = table.join(counts, on="run_id")
+    table["epochs"] = table["epochs"].fillna(0).astype(int)
+    table["steps"] = table["steps"].fillna(0).astype(int)
+    table["task"] = runs["hyperparameters"].map(lambda h: (h or {}).get("task", "") if isinstance(h, dict) else "")
+    table["started_at"] = table["started_at"].str.slice(0, 19).str.replace("T", " ")
+    columns = ["run_id", "name", "status", "optimizer", "task", "epochs", "steps", "seed", "parent_run", "branch_epoch",
+               "started_at"]
+    table = table[columns]
+    for col in ("seed", "parent_run", "branch_epoch"):  # nullable integers: '-' rather than <NA>
+        table[col] = [("-" if pd.isna(v) else str(int(v))) for v in table[col]]
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 10_000):
+        print(table.to_string(index=False, na_rep="-"))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Exports runs with the functions of `instrumented_adam.export`."""
+    from . import export
+
+    store = open_store(args.store)
+    try:
+        run = _resolve_runs(store, [args.run])[0] if args.run is not None else None
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"--out {args.out} exists and is not a directory")
+        try:
+            if args.fmt == "tensorboard":
+                written = [str(p) for p in export.to_tensorboard(store, args.out, run)]
+            elif args.fmt == "csv":
+                written = [str(p) for p in export.to_csv(store, args.out, run).values()]
+            else:
+                written = [str(p) for p in export.to_parquet(store, args.out, run).values()]
+        except ImportError as e:
+            package = {"tensorboard": "tensorboard", "parquet": "pyarrow"}.get(args.fmt, e.name or "?")
+            raise UserError(f"exporting {args.fmt} needs {package}: pip install {package} ({e})") from None
+    finally:
+        store.close()
+    print(f"Exported {'run ' + str(run) if run is not None else 'all runs'} as {args.fmt} to {args.out.resolve()}:")
+    for path in written:
+        print(f"  {path}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``instrumented-adam`` console script; returns the exit status."""
+    from .store import StoreError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors: message + SystemExit(2), argparse's convention
+    try:
+        return int(args.handler(args))
+    except (UserError, StoreError) as e:  # StoreError: e.g. a store written by a newer version
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `instrumented-adam runs STORE | head`: the reader left
+        # Python would report the failed flush of stdout at exit: point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # python -m instrumented_adam.cli
+    sys.exit(main())
