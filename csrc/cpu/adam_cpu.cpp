@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../op_checks.h"
 #include "kernel_args.h"
 
 namespace instrumented_adam::cpu {
@@ -22,32 +23,6 @@ namespace {
 constexpr int64_t kChunk = 32768;
 // Below this many elements in a call, one thread does all the work (a parallel region costs more).
 constexpr int64_t kParallelGrain = 65536;
-
-DType to_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat;
-    case at::kDouble: return DType::kDouble;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kHalf;
-    default:
-      TORCH_CHECK(false, "instrumented_adam: parameters must be float32, float64, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
-
-// Every tensor the kernel reads for a parameter must share the parameter's dtype, size and memory
-// layout (any dense layout: the kernel walks the underlying storage linearly).
-void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i) {
-  TORCH_CHECK(other.device().is_cpu(), "instrumented_adam: ", what, "[", i, "] is on ", other.device(),
-              " but its parameter is on the CPU");
-  TORCH_CHECK(other.scalar_type() == param.scalar_type(), "instrumented_adam: ", what, "[", i, "] has dtype ",
-              other.scalar_type(), " but its parameter has dtype ", param.scalar_type());
-  TORCH_CHECK(other.sizes().equals(param.sizes()), "instrumented_adam: ", what, "[", i, "] has shape ",
-              other.sizes(), " but its parameter has shape ", param.sizes());
-  TORCH_CHECK(other.numel() == 0 || other.strides().equals(param.strides()), "instrumented_adam: ", what, "[", i,
-              "] has strides ", other.strides(), " but its parameter has strides ", param.strides(),
-              " (the Python optimizer re-lays such tensors out before calling the op)");
-}
 
 double read_scalar(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
@@ -105,46 +80,27 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
                     at::IntArrayRef stat_rows) {
   const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "instrumented_adam: unknown algorithm ", algorithm);
+  check_list_lengths(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
+                     stat_rows, algorithm, amsgrad);
   const auto algo = static_cast<Algorithm>(algorithm);
   amsgrad = amsgrad && algo != Algorithm::kAdamax;
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
-                  second_moments.size() == params.size() && state_steps.size() == params.size(),
-              "instrumented_adam: params, grads, exp_avgs, second moments and steps must have the same length");
-  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_second_moments.size()) == n,
-              "instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter");
-  TORCH_CHECK(prev_epoch_steps.empty() || static_cast<int64_t>(prev_epoch_steps.size()) == n,
-              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
-  TORCH_CHECK(stat_rows.empty() || static_cast<int64_t>(stat_rows.size()) == n,
-              "instrumented_adam: stat_rows must be empty or have one row per parameter");
+  const at::Device device(at::kCPU);
 
   double* stats_data = nullptr;
   int64_t stats_rows_total = 0;
   if (stats.has_value()) {
-    const at::Tensor& s = *stats;
-    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kDouble && s.dim() == 2 &&
-                    s.size(1) == kNumStats && s.is_contiguous(),
-                "instrumented_adam: stats must be a contiguous float64 CPU tensor of shape [rows, ", kNumStats,
-                "], got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    stats_rows_total = s.size(0);
-    TORCH_CHECK(!stat_rows.empty() || stats_rows_total == n,
-                "instrumented_adam: stats has ", stats_rows_total, " rows for ", n, " parameters");
-    for (int64_t row : stat_rows) {
-      TORCH_CHECK(row >= 0 && row < stats_rows_total, "instrumented_adam: stat row ", row, " out of range");
-    }
-    stats_data = s.data_ptr<double>();
-    std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
+    stats_rows_total = check_stats_buffer(*stats, device, n, stat_rows);
+    stats_data = stats->data_ptr<double>();
   }
 
-  // AMP: a step with inf/NaN gradients is skipped whole (its step counters do not advance and its
-  // statistics stay zero), exactly as torch's fused optimizers do with GradScaler.
+  // AMP (GradScaler): the kernel divides each gradient by grad_scale and stores it back.
   const float* grad_scale_ptr = nullptr;
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1 && grad_scale->device().is_cpu(),
                 "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
     grad_scale_ptr = grad_scale->data_ptr<float>();
   }
-  if (found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0) return;
+  const bool skip_step = found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0;
   if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor, "lr");
 
   std::vector<TensorArgs> tensors(n);
@@ -153,19 +109,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), "instrumented_adam: the CPU kernel got params[", i, "] on ", p.device());
-    TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
-                "]); view them as real with torch.view_as_real");
-    TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
-    TORCH_CHECK(grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
-    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
-                "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
-    check_companion(p, grads[i], "grads", i);
-    check_companion(p, exp_avgs[i], "exp_avgs", i);
-    check_companion(p, second_moments[i], "second_moments", i);
-    if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);
-    if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
-
+    check_parameter(p, i, device, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, amsgrad);
     const at::Tensor& step_t = state_steps[i];
     TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
                     (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
@@ -178,7 +122,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     t.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
     t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].data_ptr();
     t.numel = p.numel();
-    t.dtype = to_dtype(p);
+    t.dtype = kernel_dtype<DType>(p);
     for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
       items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
       item_starts.push_back(total + begin);
@@ -187,6 +131,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 
   // Everything is validated: only now mutate (a bad argument must leave the state untouched).
+  // AMP: a step with inf/NaN gradients is skipped whole (its step counters do not advance and its
+  // statistics stay zero), exactly as torch's fused optimizers do with GradScaler.
+  if (stats_data) std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
+  if (skip_step) return;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& step_t = state_steps[i];
     double step;

@@ -19,36 +19,11 @@
 #include <optional>
 #include <vector>
 
+#include "../op_checks.h"
 #include "adam_cuda.h"
 
 namespace instrumented_adam::cuda {
 namespace {
-
-DType to_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat;
-    case at::kDouble: return DType::kDouble;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kHalf;
-    default:
-      TORCH_CHECK(false, "instrumented_adam: parameters must be float32, float64, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
-}
-
-// Every tensor the kernel reads for a parameter must share the parameter's device, dtype, size and
-// memory layout (any dense layout: the kernel walks the underlying storage linearly).
-void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i) {
-  TORCH_CHECK(other.device() == param.device(), "instrumented_adam: ", what, "[", i, "] is on ", other.device(),
-              " but its parameter is on ", param.device());
-  TORCH_CHECK(other.scalar_type() == param.scalar_type(), "instrumented_adam: ", what, "[", i, "] has dtype ",
-              other.scalar_type(), " but its parameter has dtype ", param.scalar_type());
-  TORCH_CHECK(other.sizes().equals(param.sizes()), "instrumented_adam: ", what, "[", i, "] has shape ",
-              other.sizes(), " but its parameter has shape ", param.sizes());
-  TORCH_CHECK(other.numel() == 0 || other.strides().equals(param.strides()), "instrumented_adam: ", what, "[", i,
-              "] has strides ", other.strides(), " but its parameter has strides ", param.strides(),
-              " (the Python optimizer re-lays such tensors out before calling the op)");
-}
 
 // A one-element float32 tensor on `device`, read by the kernels (never on the host).
 const float* device_scalar(const at::Tensor& t, const at::Device& device, const char* what) {
@@ -72,18 +47,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
                      at::IntArrayRef stat_rows) {
   const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "instrumented_adam: unknown algorithm ", algorithm);
+  check_list_lengths(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
+                     stat_rows, algorithm, amsgrad);
   const auto algo = static_cast<Algorithm>(algorithm);
   amsgrad = amsgrad && algo != Algorithm::kAdamax;
-  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
-                  second_moments.size() == params.size() && state_steps.size() == params.size(),
-              "instrumented_adam: params, grads, exp_avgs, second moments and steps must have the same length");
-  TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_second_moments.size()) == n,
-              "instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter");
-  TORCH_CHECK(prev_epoch_steps.empty() || static_cast<int64_t>(prev_epoch_steps.size()) == n,
-              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
-  TORCH_CHECK(stat_rows.empty() || static_cast<int64_t>(stat_rows.size()) == n,
-              "instrumented_adam: stat_rows must be empty or have one row per parameter");
 
   // The device of the call: the parameters' (or, with no parameters, the statistics buffer's).
   const at::Device device = n > 0 ? params[0].device() : (stats.has_value() ? stats->device() : at::Device(at::kCUDA));
@@ -102,20 +69,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
   if (stats.has_value()) {
     const at::Tensor& s = *stats;
-    TORCH_CHECK(s.device() == device && s.scalar_type() == at::kDouble && s.dim() == 2 && s.size(1) == kNumStats &&
-                    s.is_contiguous(),
-                "instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, ", kNumStats, "] on ",
-                device, ", got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    args.stats_rows = s.size(0);
-    TORCH_CHECK(!stat_rows.empty() || args.stats_rows == n, "instrumented_adam: stats has ", args.stats_rows,
-                " rows for ", n, " parameters");
-    // Each row is written by one block of the second stage: rows must be distinct.
-    std::vector<bool> used(static_cast<size_t>(args.stats_rows), false);
-    for (int64_t row : stat_rows) {
-      TORCH_CHECK(row >= 0 && row < args.stats_rows, "instrumented_adam: stat row ", row, " out of range");
-      TORCH_CHECK(!used[static_cast<size_t>(row)], "instrumented_adam: stat row ", row, " is used twice");
-      used[static_cast<size_t>(row)] = true;
-    }
+    args.stats_rows = check_stats_buffer(s, device, n, stat_rows);
     args.stats = s.data_ptr<double>();
     args.stats_rows_cover_all = args.stats_rows == n;
   }
@@ -149,19 +103,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   std::vector<HostTensor> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but params[0] is on ",
-                device, "; use one optimizer per device");
-    TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
-                "]); view them as real with torch.view_as_real");
-    TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
-    TORCH_CHECK(grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
-    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
-                "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
-    check_companion(p, grads[i], "grads", i);
-    check_companion(p, exp_avgs[i], "exp_avgs", i);
-    check_companion(p, second_moments[i], "second_moments", i);
-    if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);
-    if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
+    check_parameter(p, i, device, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, amsgrad);
     const at::Tensor& step_t = state_steps[i];
     TORCH_CHECK(step_t.numel() == 1 && step_t.device() == device && step_t.scalar_type() == at::kFloat,
                 "instrumented_adam: state_steps[", i, "] must be a one-element float32 tensor on ", device, " (got ",
@@ -177,7 +119,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     h.step = step_t.data_ptr<float>();
     h.numel = p.numel();
     h.stats_row = stat_rows.empty() ? i : stat_rows[i];
-    h.dtype = to_dtype(p);
+    h.dtype = kernel_dtype<DType>(p);
   }
   args.prev_dot = args.stats != nullptr && !prev_epoch_steps.empty();
 
