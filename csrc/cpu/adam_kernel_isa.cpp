@@ -283,22 +283,39 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
     }
     if constexpr (!kTail) {
       for (int j = 0; j < K; ++j) update_element<algo>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      // torch's remainder loop is compiled to 8-wide vector code for the first n - n % 8 lanes
-      // and scalar code for the rest; the two round v differently (see adam_math.h).
-      V p_vec = p[0], m_vec = m[0], v_vec = v[0], vmax_vec = vmax[0], moment_vec, denom_vec;
-      update_element<algo>(p_vec, g[0], m_vec, v_vec, vmax_vec, c, moment_vec, denom_vec);
-      update_element<algo, true>(p[0], g[0], m[0], v[0], vmax[0], c, moment[0], denom[0]);
-      const V vector_lane = V::set(V(O(0)), V(O(1)), n - n % 8) != V(O(0));
-      p[0] = V::blendv(p[0], p_vec, vector_lane);
-      m[0] = V::blendv(m[0], m_vec, vector_lane);
-      v[0] = V::blendv(v[0], v_vec, vector_lane);
-      vmax[0] = V::blendv(vmax[0], vmax_vec, vector_lane);
-      moment[0] = V::blendv(moment[0], moment_vec, vector_lane);
-      denom[0] = V::blendv(denom[0], denom_vec, vector_lane);
     } else {
+      // torch's remainder loop (the last numel % IO::kStep elements) is auto-vectorised by its
+      // compiler for the first n - n % kTorchTailWidth lanes and scalar for the rest; the two parts
+      // round v differently (see adam_math.h) and take amsgrad's maximum differently (the vector
+      // part propagates a NaN v, the scalar part keeps the old maximum). kTorchTailWidth
+      // (measured against torch 2.13 fused on AVX-512, tests/test_parity.py and
+      // test_statistics.py): 8 fp32 lanes, 4 fp64 lanes, 16 bf16/fp16 elements. Amsgrad, 20 steps,
+      // tails of every length: with these widths θ, v and max v matched torch bitwise (0 of 51,600
+      // fp64 and of 336,000 bf16/fp16 elements); fp64 width 2 left 1,604 fp64 elements off, and the
+      // scalar form for the whole bf16/fp16 tail 9 fp16 elements (plus max v kept where torch's is
+      // NaN). On AVX2 the tail is shorter than the width for every type (n < 8, 4, 16), so it is all
+      // scalar, as torch's is there (bitwise, the tests' AVX2 subprocess).
+      constexpr int64_t kTorchTailWidth =
+          std::is_same_v<scalar_t, float> ? 8 : std::is_same_v<scalar_t, double> ? 4 : 16;
+      const int64_t vector_end = n - n % kTorchTailWidth;
       for (int j = 0; j < K; ++j) {
+        const int64_t vector_lanes = std::clamp<int64_t>(vector_end - j * V::size(), 0, V::size());
+        if (vector_lanes == V::size()) {
+          update_element<algo>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
+          continue;
+        }
+        V p_vec = p[j], m_vec = m[j], v_vec = v[j], vmax_vec = vmax[j], moment_vec, denom_vec;
+        if (vector_lanes > 0) update_element<algo>(p_vec, g[j], m_vec, v_vec, vmax_vec, c, moment_vec, denom_vec);
         update_element<algo, true>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
+        if (vector_lanes > 0) {
+          const V vector_lane = V::set(V(O(0)), V(O(1)), vector_lanes) != V(O(0));
+          p[j] = V::blendv(p[j], p_vec, vector_lane);
+          m[j] = V::blendv(m[j], m_vec, vector_lane);
+          v[j] = V::blendv(v[j], v_vec, vector_lane);
+          vmax[j] = V::blendv(vmax[j], vmax_vec, vector_lane);
+          moment[j] = V::blendv(moment[j], moment_vec, vector_lane);
+          denom[j] = V::blendv(denom[j], denom_vec, vector_lane);
+        }
       }
     }
     IO::store(param + i, len, p);
@@ -308,6 +325,26 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
 
     if constexpr (kStats) {
       IO::round_trip(p);
+      if constexpr (!std::is_same_v<scalar_t, O>) {
+        // bf16/fp16: the statistics describe the stored state (DESIGN.md), so m, the second moment
+        // and the gradient grad_scale wrote back are rounded to the storage type as stored, and
+        // the denominator (eff_lr) is recomputed from the stored moment. Without this they saw the
+        // fp32 register values, up to 2^-8 relative off per element (exp_avg_sumsq off by 1.9e-3
+        // in bf16; tests/test_statistics.py, test_reduced_precision_statistics_describe_stored_state).
+        // fp32/fp64 store the register values exactly and skip this, so their kernels are
+        // unchanged (bench_kernel.py, fp32 with statistics, 1e5 elements 1 thread: x1.226/1.236
+        // of torch before, x1.227/1.230 after; 10M elements 2 threads: medians 15.8-16.0 ms both).
+        IO::round_trip(m);
+        IO::round_trip(moment);
+        if (grad_scale) IO::round_trip(g);
+        for (int j = 0; j < K; ++j) {
+          if constexpr (algo == Algorithm::kAdamax) {
+            denom[j] = moment[j];
+          } else {
+            denom[j] = (ia_sqrt(moment[j]) / V(c.bias_correction2_sqrt)) + V(c.eps);
+          }
+        }
+      }
       for (int j = 0; j < K; ++j) {
         V delta = p[j] - p_old[j];
         if constexpr (kTail) {
