@@ -19,4 +19,14 @@ TORCH_LIBRARY(instrumented_adam, m) {
       "Tensor(f!)[] state_steps, *, int algorithm, float lr, Tensor? lr_tensor, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor(g!)? stats, int[] stat_rows) -> ()");
+
+  // The epoch boundary, per tensor i, in float64: s = θ − start; out[i] = (‖s‖², ⟨s, prev⟩, ‖prev‖²,
+  // ‖θ − initial‖², ‖s as stored‖²) with ⟨s, prev⟩ = ‖prev‖² = 0 unless has_prev; then prev ← s
+  // (rounded to θ's dtype) and start ← θ. out: [n, 5] float64.
+  m.def(
+      "epoch_geometry(Tensor[] params, Tensor(a!)[] epoch_starts, Tensor(b!)[] prev_steps, "
+      "Tensor[] initial_params, bool has_prev, Tensor(c!) out) -> ()");
+  // out[i] = Σ t_i² in float64, summed exactly as epoch_geometry sums ‖s as stored‖² (a checkpoint's
+  // previous-epoch steps must give the same bits as the epoch that stored them).
+  m.def("sum_of_squares(Tensor[] tensors, Tensor(a!) out) -> ()");
 }

@@ -24,6 +24,8 @@ class Algorithm(IntEnum):
 
 
 fused_step = torch.ops.instrumented_adam.fused_step
+epoch_geometry = torch.ops.instrumented_adam.epoch_geometry
+sum_of_squares = torch.ops.instrumented_adam.sum_of_squares
 
 
 @torch.library.register_fake("instrumented_adam::fused_step")
@@ -33,4 +35,14 @@ def _fused_step_fake(
     stats, stat_rows,
 ) -> None:
     # The op only mutates its arguments in place: nothing to allocate.
+    return None
+
+
+@torch.library.register_fake("instrumented_adam::epoch_geometry")
+def _epoch_geometry_fake(params, epoch_starts, prev_steps, initial_params, has_prev, out) -> None:
+    return None
+
+
+@torch.library.register_fake("instrumented_adam::sum_of_squares")
+def _sum_of_squares_fake(tensors, out) -> None:
     return None

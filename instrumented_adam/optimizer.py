@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._ops import NUM_STATS, Algorithm, fused_step
+from ._ops import NUM_STATS, Algorithm, epoch_geometry, fused_step, sum_of_squares
 from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
 
 # Instrumentation state kept per parameter (besides torch's own keys); saved in state_dict.
@@ -73,6 +73,20 @@ def _flat(t: Tensor) -> Tensor:
         order = sorted(range(t.dim()), key=lambda d: (t.stride(d), t.shape[d]), reverse=True)
         return t.permute(order).view(-1)
     return t.reshape(-1)
+
+
+def _native_epoch(p: Tensor, state: dict) -> bool:
+    """Whether the epoch ops (CPU, one parallel pass) handle this parameter.
+
+    The rest (other devices, non-dense parameters, buffers in another layout) takes the chunked
+    torch path. The choice depends only on the parameter and its buffers' layout, and is the same
+    in end_epoch and in the recomputation of ‖s_{k-1}‖² after a load, so both give the same bits.
+    """
+    if p.device.type != "cpu" or not _is_dense(p):
+        return False
+    return all(
+        state[k].stride() == p.stride() for k in (EPOCH_START_KEY, INITIAL_PARAM_KEY, PREV_EPOCH_STEP_KEY) if k in state
+    )
 
 
 def _host_list_to(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -452,51 +466,79 @@ class _Instrumented:
             step=ia.steps_done,
         )
 
+    @staticmethod
+    def _epoch_row_torch(p: Tensor, state: dict, zero: Tensor) -> tuple[Tensor, Tensor]:
+        """end_epoch for one parameter with torch ops (any device or layout), chunked in float64.
+
+        Returns its EPOCH_COLUMNS row and ‖s_k‖² as stored; updates its buffers like the CPU op.
+        """
+        theta, start = _flat(p.detach()), _flat(state[EPOCH_START_KEY])
+        initial = _flat(state[INITIAL_PARAM_KEY])
+        prev = state.get(PREV_EPOCH_STEP_KEY)
+        prev_flat = _flat(prev) if prev is not None else None
+        if prev is None:
+            prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        step_sumsq, dot_prev, prev_sumsq, dist_sumsq = zero, zero, zero, zero
+        new_prev = _flat(prev)
+        for lo in range(0, theta.numel(), _EPOCH_CHUNK):
+            hi = min(lo + _EPOCH_CHUNK, theta.numel())
+            t64 = theta[lo:hi].double()
+            s = t64 - start[lo:hi].double()
+            step_sumsq = step_sumsq + s.dot(s)
+            if prev_flat is not None:
+                q = prev_flat[lo:hi].double()
+                dot_prev = dot_prev + s.dot(q)
+                prev_sumsq = prev_sumsq + q.dot(q)
+            d = t64 - initial[lo:hi].double()
+            dist_sumsq = dist_sumsq + d.dot(d)
+            new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to p's dtype)
+        start.copy_(theta)
+        return torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]), _sumsq_f64(new_prev)
+
     @torch.no_grad()
     def end_epoch(self) -> EpochGeometry:
         """Closes an epoch: measures its step s_k = θ − θ_end(k−1) per parameter, in float64.
 
         Returns ‖s_k‖², ⟨s_k, s_{k−1}⟩, ‖s_{k−1}‖² and ‖θ − θ_0‖² per parameter (see
         `EpochGeometry`), then keeps s_k for the next epoch's per-step `update_dot_prev_epoch`
-        and θ as the next epoch's start. One pass over the parameters; nothing per step.
+        and θ as the next epoch's start. One pass over the parameters (on CPU one parallel op
+        call for all of them); nothing per step.
         """
         if not self.epoch_geometry:
             raise RuntimeError("instrumented_adam: this optimizer was built with epoch_geometry=False")
         layout = self._get_layout()
         device = layout.device
-        rows: list[Tensor] = []
-        next_prev_sumsq: list[Tensor] = []
+        zero_row = torch.zeros(len(EPOCH_COLUMNS), dtype=torch.float64, device=device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state or EPOCH_START_KEY not in state:
-                    rows.append(torch.zeros(len(EPOCH_COLUMNS), dtype=torch.float64, device=device))
-                    next_prev_sumsq.append(zero)
-                    continue
-                theta, start = _flat(p.detach()), _flat(state[EPOCH_START_KEY])
-                initial = _flat(state[INITIAL_PARAM_KEY])
-                prev = state.get(PREV_EPOCH_STEP_KEY)
-                prev_flat = _flat(prev) if prev is not None else None
-                if prev is None:
-                    prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                step_sumsq, dot_prev, prev_sumsq, dist_sumsq = zero, zero, zero, zero
-                new_prev = _flat(prev)
-                for lo in range(0, theta.numel(), _EPOCH_CHUNK):
-                    hi = min(lo + _EPOCH_CHUNK, theta.numel())
-                    t64 = theta[lo:hi].double()
-                    s = t64 - start[lo:hi].double()
-                    step_sumsq = step_sumsq + s.dot(s)
-                    if prev_flat is not None:
-                        q = prev_flat[lo:hi].double()
-                        dot_prev = dot_prev + s.dot(q)
-                        prev_sumsq = prev_sumsq + q.dot(q)
-                    d = t64 - initial[lo:hi].double()
-                    dist_sumsq = dist_sumsq + d.dot(d)
-                    new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to p's dtype)
-                start.copy_(theta)
-                rows.append(torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]))
-                next_prev_sumsq.append(_sumsq_f64(new_prev))
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        rows: list[Tensor] = [zero_row] * len(all_params)
+        next_prev_sumsq: list[Tensor] = [zero] * len(all_params)
+        native: dict[bool, list[tuple[int, Tensor, dict]]] = {True: [], False: []}  # by has_prev
+        for row, p in enumerate(all_params):
+            state = self.state.get(p)
+            if not state or EPOCH_START_KEY not in state:
+                continue
+            if _native_epoch(p, state):
+                has_prev = PREV_EPOCH_STEP_KEY in state
+                if not has_prev:
+                    state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                native[has_prev].append((row, p, state))
+            else:
+                rows[row], next_prev_sumsq[row] = self._epoch_row_torch(p, state, zero)
+        for has_prev, entries in native.items():
+            if not entries:
+                continue
+            out = torch.empty(len(entries), len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+            epoch_geometry(
+                [_real(p.detach()) for _, p, _ in entries],
+                [_real(st[EPOCH_START_KEY]) for _, _, st in entries],
+                [_real(st[PREV_EPOCH_STEP_KEY]) for _, _, st in entries],
+                [_real(st[INITIAL_PARAM_KEY]) for _, _, st in entries],
+                has_prev,
+                out,
+            )
+            for j, (row, _, _) in enumerate(entries):
+                rows[row], next_prev_sumsq[row] = out[j, : len(EPOCH_COLUMNS)], out[j, len(EPOCH_COLUMNS)]
         values = torch.stack(rows) if rows else torch.zeros(0, len(EPOCH_COLUMNS), dtype=torch.float64, device=device)
         geometry = EpochGeometry(
             values=values,
@@ -531,14 +573,24 @@ class _Instrumented:
     def _prev_sumsq_from_state(self) -> Tensor:
         """‖s_{k-1}‖² per row from the stored buffers (what end_epoch computed, bit for bit)."""
         layout = self._get_layout()
-        values = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                prev = self.state.get(p, {}).get(PREV_EPOCH_STEP_KEY)
-                if prev is None:
-                    values.append(torch.zeros((), dtype=torch.float64, device=layout.device))
-                else:
-                    values.append(_sumsq_f64(prev))
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        values = [torch.zeros((), dtype=torch.float64, device=layout.device)] * len(all_params)
+        native_rows, native_prevs = [], []
+        for row, p in enumerate(all_params):
+            state = self.state.get(p, {})
+            prev = state.get(PREV_EPOCH_STEP_KEY)
+            if prev is None:
+                continue
+            if _native_epoch(p, state):
+                native_rows.append(row)
+                native_prevs.append(_real(prev))
+            else:
+                values[row] = _sumsq_f64(prev)
+        if native_rows:
+            out = torch.empty(len(native_rows), 1, dtype=torch.float64)
+            sum_of_squares(native_prevs, out)
+            for j, row in enumerate(native_rows):
+                values[row] = out[j, 0]
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=layout.device)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -172,3 +172,79 @@ def test_add_param_group_after_an_epoch():
     geometry = opt.end_epoch()
     assert geometry.values.shape == (2, len(EPOCH_COLUMNS))
     assert geometry.values[1, 0] > 0
+
+
+# ---- the CPU epoch ops (csrc/cpu/epoch_cpu.cpp) ------------------------------------------------
+from instrumented_adam import _ops  # noqa: E402
+from instrumented_adam.optimizer import _Instrumented  # noqa: E402
+
+
+def _epoch_inputs(dtype, sizes=(1, 7, 33, 40000, 70001), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+    start = [t + 1e-2 * torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in theta]
+    prev = [1e-2 * torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in theta]
+    initial = [t + torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in theta]
+    return theta, start, prev, initial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("has_prev", [True, False])
+def test_epoch_op_matches_torch_path(dtype, has_prev):
+    """The one-pass CPU op and the chunked torch path (other devices) give the same geometry and
+    leave the same buffers: prev = s rounded to the parameter's dtype, start = θ."""
+    theta, start, prev, initial = _epoch_inputs(dtype)
+    start_t, prev_t = [t.clone() for t in start], [t.clone() for t in prev]
+    out = torch.empty(len(theta), len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+    _ops.epoch_geometry(theta, start, prev, initial, has_prev, out)
+    zero = torch.zeros((), dtype=torch.float64)
+    for i, t in enumerate(theta):
+        state = {"epoch_start_param": start_t[i], "initial_param": initial[i]}
+        if has_prev:
+            state["prev_epoch_step"] = prev_t[i]
+        row, stored_sumsq = _Instrumented._epoch_row_torch(t, state, zero)
+        torch.testing.assert_close(out[i, :4], row, rtol=1e-12, atol=1e-300)
+        torch.testing.assert_close(out[i, 4], stored_sumsq, rtol=1e-12, atol=1e-300)
+        assert torch.equal(start[i], t) and torch.equal(state["epoch_start_param"], t)
+        assert torch.equal(prev[i], state["prev_epoch_step"])
+    if not has_prev:
+        assert (out[:, 1] == 0).all() and (out[:, 2] == 0).all()
+
+
+def test_sum_of_squares_reproduces_the_epoch_op_bitwise():
+    """After a checkpoint load, ‖s_{k-1}‖² is recomputed from the stored buffer: it must equal,
+    bit for bit, what end_epoch computed (a resumed run's cosines are compared exactly)."""
+    theta, start, prev, initial = _epoch_inputs(torch.float32)
+    out = torch.empty(len(theta), len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+    _ops.epoch_geometry(theta, start, prev, initial, True, out)
+    again = torch.empty(len(theta), 1, dtype=torch.float64)
+    _ops.sum_of_squares(prev, again)
+    assert torch.equal(again[:, 0], out[:, 4])
+
+
+def test_epoch_op_does_not_depend_on_thread_count():
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        theta, start, prev, initial = _epoch_inputs(torch.float32, sizes=(300000, 5))
+        out = torch.empty(2, len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+        _ops.epoch_geometry(theta, start, prev, initial, True, out)
+        results.append(out)
+    torch.set_num_threads(1)
+    assert torch.equal(results[0], results[1])
+
+
+def test_epoch_op_rejects_mismatched_buffers_untouched():
+    theta, start, prev, initial = _epoch_inputs(torch.float32, sizes=(10, 12))
+    before = [t.clone() for t in start]
+    out = torch.empty(2, len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="shape"):
+        _ops.epoch_geometry(theta, start, [prev[0], prev[0]], initial, True, out)
+    assert all(torch.equal(a, b) for a, b in zip(start, before))
+
+
+def test_epoch_ops_opcheck():
+    theta, start, prev, initial = _epoch_inputs(torch.float32, sizes=(5, 17))
+    out = torch.empty(2, len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
+    torch.library.opcheck(_ops.epoch_geometry, (theta, start, prev, initial, True, out))
+    torch.library.opcheck(_ops.sum_of_squares, (prev, torch.empty(2, 1, dtype=torch.float64)))
