@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -182,36 +182,31 @@ def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
     }
 
 
-def to_csv(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
-    """Writes runs/steps/step_groups/epochs/layers/metrics.csv of one run (or all) to `directory`."""
+def _write_tables(store: RunStore | str | Path, directory: str | Path, run: int | str | None, suffix: str,
+                  write: Callable[[pd.DataFrame, Path], None]) -> dict[str, Path]:
+    """Writes each table of one run (or all) to `directory`/<table><suffix> with `write`."""
     store, owned = _open(store)
     try:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, df in _frames(store, run).items():
-            paths[name] = out / f"{name}.csv"
-            df.to_csv(paths[name], index=False)
+            paths[name] = out / f"{name}{suffix}"
+            write(df, paths[name])
         return paths
     finally:
         if owned:
             store.close()
+
+
+def to_csv(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
+    """Writes runs/steps/step_groups/epochs/layers/metrics.csv of one run (or all) to `directory`."""
+    return _write_tables(store, directory, run, ".csv", lambda df, path: df.to_csv(path, index=False))
 
 
 def to_parquet(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
     """Writes runs/steps/step_groups/epochs/layers/metrics.parquet of one run (or all) (needs pyarrow)."""
-    store, owned = _open(store)
-    try:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name, df in _frames(store, run).items():
-            paths[name] = out / f"{name}.parquet"
-            df.to_parquet(paths[name], index=False)
-        return paths
-    finally:
-        if owned:
-            store.close()
+    return _write_tables(store, directory, run, ".parquet", lambda df, path: df.to_parquet(path, index=False))
 
 
 __all__ = ["TensorBoardLogger", "to_tensorboard", "to_csv", "to_parquet"]
