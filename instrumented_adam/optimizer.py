@@ -123,6 +123,8 @@ class _GroupPlan:
     stat_rows: list[int]  # empty when every param of the group is in the call
     # Positions (within the call) of params that are not dense: updated through a dense copy.
     relayout: list[int] = field(default_factory=list)
+    strides: list[tuple[int, ...]] = field(default_factory=list)  # of params (their real views)
+    has_complex: bool = False
 
 
 @dataclass
@@ -328,7 +330,9 @@ class _Instrumented:
                 prevs.append(_real(state[PREV_EPOCH_STEP_KEY]))
             steps.append(state["step"])
         rows = [] if len(indices) == num_params else list(indices)
-        return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout)
+        has_complex = any(group["params"][i].is_complex() for i in indices)
+        return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout,
+                          [t.stride() for t in params], has_complex)
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -384,20 +388,25 @@ class _Instrumented:
         call_grads = [grads[i] for i in plan.indices]
         call_params = plan.params
         copies: list[tuple[int, Tensor, Tensor]] = []
-        for pos, g in enumerate(call_grads):
-            p = call_params[pos]
-            if g.is_complex():
-                g = call_grads[pos] = torch.view_as_real(g)
+        if plan.has_complex:
+            call_grads = [torch.view_as_real(g) if g.is_complex() else g for g in call_grads]
+        # The kernel walks storage linearly: a gradient must have its parameter's layout. One
+        # cached-stride comparison per gradient on the hot path; anything else (a sparse gradient,
+        # whose strides never match, or another layout) is sorted out only for the mismatches.
+        try:
+            mismatched = [pos for pos, (g, strides) in enumerate(zip(call_grads, plan.strides)) if g.stride() != strides]
+        except RuntimeError:  # a layout without strides
+            mismatched = list(range(len(call_grads)))
+        for pos in mismatched:
+            g = call_grads[pos]
             if g.layout != torch.strided:
                 raise RuntimeError(self._sparse_message)
-            if g.stride() != p.stride() and g.numel() > 0:
-                # The kernel walks storage linearly: give it the gradient in the parameter's layout.
-                if pos in plan.relayout:
-                    continue
-                dense = torch.empty_like(p)
-                dense.copy_(g)
-                copies.append((pos, g, dense))
-                call_grads[pos] = dense
+            if pos in plan.relayout or g.numel() == 0:
+                continue
+            dense = torch.empty_like(call_params[pos])
+            dense.copy_(g)
+            copies.append((pos, g, dense))
+            call_grads[pos] = dense
         if plan.relayout:
             call_params = list(call_params)
             for pos in plan.relayout:
