@@ -36,6 +36,7 @@ import torch
 
 import instrumented_adam as ia
 from instrumented_adam import NUM_STATS, STAT_INDEX, STAT_NAMES, Algorithm
+from conftest import assert_same_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,26 +76,6 @@ def make_grads(params, step, seed=1):
     factor = 0.25 + (step % 5)  # the magnitude varies over the steps too
     return [(torch.randn(p.shape, generator=gen, device=DEVICE, dtype=torch.float64) * factor).to(p.dtype)
             for p in params]
-
-
-def state_keys(opt):
-    if isinstance(opt, torch.optim.Adamax):
-        return ("step", "exp_avg", "exp_inf")
-    keys = ("step", "exp_avg", "exp_avg_sq")
-    if any(g.get("amsgrad") for g in opt.param_groups):
-        keys += ("max_exp_avg_sq",)
-    return keys
-
-
-def assert_same_state(ours, theirs, ours_p, theirs_p, msg=""):
-    """Parameters and every torch state tensor bitwise equal."""
-    for i, (p, q) in enumerate(zip(ours_p, theirs_p)):
-        assert torch.equal(p, q), f"{msg} param {i} ({p.dtype}, numel {p.numel()}): max |diff| " \
-                                  f"{(p.double() - q.double()).abs().max().item()}"
-        sp, sq = ours.state[p], theirs.state[q]
-        for k in state_keys(theirs):
-            a, b = sp[k], sq[k]
-            assert torch.equal(a, b), f"{msg} param {i} state {k}: max |diff| {(a.double() - b.double()).abs().max().item()}"
 
 
 def materialise(kwargs):
