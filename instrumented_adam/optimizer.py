@@ -452,8 +452,14 @@ class _Instrumented:
         return replanned
 
     # ---- statistics -------------------------------------------------------------------------
-    def last_step_statistics(self) -> StepStatistics:
-        """The statistics of the last step, one row per parameter (a copy; no host sync)."""
+    def last_step_statistics(self, copy: bool = True) -> StepStatistics:
+        """The statistics of the last step, one row per parameter (no host sync).
+
+        Args:
+            copy: True (default) returns a snapshot. False returns a view of the live buffer,
+                which the next step overwrites: for callers that copy it themselves right away
+                (the recorder's per-step hook), saving an allocation and a copy per step.
+        """
         ia = self._ia
         layout = ia.layout
         if not self.statistics:
@@ -466,7 +472,7 @@ class _Instrumented:
                 ia.prev_step_sumsq = self._prev_sumsq_from_state()  # after a load or a new group
             prev_step_sumsq = ia.prev_step_sumsq
         return StepStatistics(
-            values=layout.stats.clone(),
+            values=layout.stats.clone() if copy else layout.stats,
             numel=ia.active_numel,
             groups=layout.groups,
             num_groups=len(layout.num_params),

@@ -274,7 +274,7 @@ class Recorder:
 
     # ---- the per-step hot path --------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Step post-hook: two device ops (the optimizer's copy of its buffer, ours into the
+        """Step post-hook: one device op (the optimizer's live statistics buffer copied into the
         ring) and host bookkeeping; no sync, no loop over tensors.
 
         Runs every step, so it is written for speed: no grad-mode context (nothing here is
@@ -285,7 +285,7 @@ class Recorder:
         self._last_hyper = hyper
         if step % self.step_every:
             return
-        stats = optimizer.last_step_statistics()
+        stats = optimizer.last_step_statistics(copy=False)  # copied into the ring just below
         # The per-row element counts, group index and ‖s_{k-1}‖² change rarely (a parameter gains
         # or loses its gradient, an epoch ends, a group is added): the optimizer then hands out
         # new tensors, so comparing identities (free) tells when the buffered rows must be

@@ -387,3 +387,19 @@ def test_reduced_precision_statistics_within_storage_rounding():
 def test_isa_subprocess_avx2():
     """This whole file again with the kernels forced to AVX2 (the default here is AVX-512)."""
     run_isa_subprocess("test_statistics.py", "avx2", "AVX2")
+
+
+def test_last_step_statistics_snapshot_or_live_view():
+    """copy=True is a snapshot the next step leaves alone; copy=False is the live buffer."""
+    p = torch.nn.Parameter(torch.randn(17))
+    opt = ia.Adam([p], lr=1e-2)
+    p.grad = torch.randn(17)
+    opt.step()
+    snapshot, live = opt.last_step_statistics(), opt.last_step_statistics(copy=False)
+    first = snapshot.values.clone()
+    assert torch.equal(live.values, first)
+    p.grad = 10 * torch.randn(17)
+    opt.step()
+    assert torch.equal(snapshot.values, first)
+    assert torch.equal(live.values, opt.last_step_statistics().values)
+    assert not torch.equal(live.values, first)
