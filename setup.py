@@ -155,5 +155,5 @@ setup(
         "export": ["pyarrow", "tensorboard"],
         "test": ["pytest", "expecttest", "hypothesis"],
     },
-    entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.cli:main"]},
+    entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.demo.cli:main"]},
 )

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam.recorder import Recorder
+from instrumented_adam.telemetry.recorder import Recorder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

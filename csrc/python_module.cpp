@@ -1,20 +1,59 @@
 // The Python extension module instrumented_adam._C. Loading it runs the TORCH_LIBRARY
-// registrations; the module itself only exports the statistics table, so that Python uses the
-// same names in the same order as the kernels. No pybind11 needed.
+// registrations; the module itself exports the statistics tables (stats_table.h), so that Python
+// reads names, order, combination rules and families from the one place the kernels use.
+// No pybind11 needed.
 #include <Python.h>
 
 #include "stats_table.h"
 
-static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "instrumented_adam kernels", -1, nullptr};
+namespace {
+
+const char* combine_name(instrumented_adam::Combine c) {
+  switch (c) {
+    case instrumented_adam::Combine::kSum: return "sum";
+    case instrumented_adam::Combine::kMax: return "max";
+    case instrumented_adam::Combine::kCount: return "count";
+  }
+  return "?";
+}
+
+// ((name, combine, (family, ...), definition), ...)
+PyObject* table_to_python(const instrumented_adam::StatInfo* table, int n) {
+  PyObject* rows = PyTuple_New(n);
+  if (rows == nullptr) return nullptr;
+  for (int i = 0; i < n; ++i) {
+    PyObject* families = PyTuple_New(0);
+    for (int f = 0; f < instrumented_adam::kNumFamilies; ++f) {
+      if (!(table[i].families & (1u << f))) continue;
+      PyObject* name = PyUnicode_FromString(instrumented_adam::kFamilyNames[f]);
+      const Py_ssize_t size = PyTuple_GET_SIZE(families);
+      if (_PyTuple_Resize(&families, size + 1) < 0) return nullptr;
+      PyTuple_SET_ITEM(families, size, name);
+    }
+    PyObject* row = Py_BuildValue("(ssNs)", table[i].name, combine_name(table[i].combine), families,
+                                  table[i].definition);
+    if (row == nullptr) return nullptr;
+    PyTuple_SET_ITEM(rows, i, row);
+  }
+  return rows;
+}
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "instrumented_adam kernels", -1, nullptr};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  PyObject* names = PyTuple_New(instrumented_adam::kNumStats);
-  if (names == nullptr) return nullptr;
-  for (int i = 0; i < instrumented_adam::kNumStats; ++i) {
-    PyTuple_SET_ITEM(names, i, PyUnicode_FromString(instrumented_adam::kStatNames[i]));
+  PyObject* stats = table_to_python(instrumented_adam::kStatTable, instrumented_adam::kNumStats);
+  PyObject* epoch = table_to_python(instrumented_adam::kEpochStatTable, instrumented_adam::kNumEpochStats);
+  PyObject* families = PyTuple_New(instrumented_adam::kNumFamilies);
+  if (stats == nullptr || epoch == nullptr || families == nullptr) return nullptr;
+  for (int f = 0; f < instrumented_adam::kNumFamilies; ++f) {
+    PyTuple_SET_ITEM(families, f, PyUnicode_FromString(instrumented_adam::kFamilyNames[f]));
   }
-  if (PyModule_AddObject(module, "STAT_NAMES", names) < 0) return nullptr;
+  if (PyModule_AddObject(module, "STAT_TABLE", stats) < 0) return nullptr;
+  if (PyModule_AddObject(module, "EPOCH_STAT_TABLE", epoch) < 0) return nullptr;
+  if (PyModule_AddObject(module, "FAMILIES", families) < 0) return nullptr;
   return module;
 }

@@ -1,38 +1,103 @@
-// The one table of per-tensor step statistics, shared by the CPU and CUDA kernels, the op that
-// exports the names to Python, the reference, the recorder and the report.
+// The one table of per-tensor step statistics. Everything else reads it: the CPU and CUDA kernels
+// (which figure to accumulate, how partials combine), the module that exports it to Python
+// (instrumented_adam/core/table.py), and from there the reference, per-group and overall
+// aggregation, the recorder's columns, the store, the analysis and the report.
 //
-// Each entry is X(name): the kernel writes, per tensor and step, one float64 value per entry, in
-// this order. All entries are sums over the tensor's elements except `eff_lr_max` (a maximum).
-// Definitions (DESIGN.md): g is the gradient as stored in p.grad after AMP unscaling and before
-// `maximize` / weight decay; m_t, v_t the moments after the step; Δθ the change actually applied.
+// Each entry is X(name, combine, families, definition):
+//   name        the column name, everywhere;
+//   combine     how two partial values of the same tensor (two chunks), two tensors, or two
+//               ranks' shards combine: kSum, kMax, or kCount (a sum of integers, exact in float64
+//               up to 2^53);
+//   families    the optimizer families that define it (a bit set of Family);
+//   definition  what the value is, in words (exported, shown in the docs and the data dictionary).
+// The kernel writes, per tensor and step, one float64 value per entry, in this order; an entry a
+// family does not define is written as 0 by that family's kernel.
+// Symbols: g is the gradient as stored in p.grad after AMP unscaling and before `maximize` / weight
+// decay; m_t, v_t the moments after the step; Δθ the change actually applied; s_{k-1} the previous
+// epoch's step.
 #pragma once
 
-#define IA_FOR_EACH_STAT(X)                                                     \
-  X(grad_sumsq)            /* Σ g²                                          */ \
-  X(exp_avg_sumsq)         /* Σ m_t²                                        */ \
-  X(second_moment_sum)     /* Σ v_t (max v for amsgrad, u_t for Adamax)     */ \
-  X(update_sumsq)          /* Σ Δθ²                                         */ \
-  X(param_sumsq)           /* Σ θ_t²                                        */ \
-  X(update_dot_grad)       /* Σ Δθ·g                                        */ \
-  X(exp_avg_dot_grad)      /* Σ m_t·g                                       */ \
-  X(update_dot_prev_epoch) /* Σ Δθ·s_{k-1}, 0 when not tracked             */ \
-  X(nonfinite_grads)       /* count of non-finite g                        */ \
-  X(eff_lr_sum)            /* Σ lr/(bc1·(√v/√bc2+eps)), Adamax lr/(bc1·u)  */ \
-  X(eff_lr_max)            /* max of the same                              */
+#include <cstdint>
 
 namespace instrumented_adam {
 
+enum class Combine : int8_t { kSum = 0, kMax = 1, kCount = 2 };
+
+// Optimizer families: one kernel rule (and one op) per family.
+enum Family : uint32_t {
+  kFamilyAdam = 1u << 0,    // Adam, AdamW (an exp_avg and an exp_avg_sq)
+  kFamilyAdamax = 1u << 1,  // Adamax (an exp_avg and an infinity-norm exp_inf)
+};
+inline constexpr uint32_t kAllFamilies = kFamilyAdam | kFamilyAdamax;
+inline constexpr const char* kFamilyNames[] = {"adam", "adamax"};
+inline constexpr int kNumFamilies = 2;
+
+#define IA_FOR_EACH_STAT(X)                                                                         \
+  X(grad_sumsq, kSum, kAllFamilies, "Σ g²")                                                         \
+  X(exp_avg_sumsq, kSum, kAllFamilies, "Σ m_t²")                                                    \
+  X(second_moment_sum, kSum, kAllFamilies, "Σ of the moment in the denominator: v_t (max v_t with "  \
+    "amsgrad), u_t for Adamax")                                                                     \
+  X(update_sumsq, kSum, kAllFamilies, "Σ Δθ²")                                                      \
+  X(param_sumsq, kSum, kAllFamilies, "Σ θ_t²")                                                      \
+  X(update_dot_grad, kSum, kAllFamilies, "Σ Δθ·g, the first-order predicted loss change")          \
+  X(exp_avg_dot_grad, kSum, kAllFamilies, "Σ m_t·g")                                                \
+  X(update_dot_prev_epoch, kSum, kAllFamilies, "Σ Δθ·s_{k-1} (0 while no epoch has ended)")        \
+  X(nonfinite_grads, kCount, kAllFamilies, "count of non-finite gradient elements")               \
+  X(eff_lr_sum, kSum, kAllFamilies, "Σ of the per-element effective step size "                    \
+    "lr/(bc1·(√(v/bc2)+ε)) (Adamax: lr/(bc1·u))")                                                   \
+  X(eff_lr_max, kMax, kAllFamilies, "max of the per-element effective step size")
+
 enum Stat : int {
-#define IA_STAT_ENUM(name) k_##name,
+#define IA_STAT_ENUM(name, combine, families, definition) k_##name,
   IA_FOR_EACH_STAT(IA_STAT_ENUM)
 #undef IA_STAT_ENUM
   kNumStats
 };
 
-inline constexpr const char* kStatNames[] = {
-#define IA_STAT_NAME(name) #name,
-    IA_FOR_EACH_STAT(IA_STAT_NAME)
-#undef IA_STAT_NAME
+// The per-tensor sums of the epoch geometry (end_epoch), computed in float64 at an epoch boundary:
+// s_k = θ_end(k) − θ_end(k−1), θ_0 where instrumentation began. Same X(name, combine, families,
+// definition) form; the epoch_geometry op writes them in this order.
+#define IA_FOR_EACH_EPOCH_STAT(X)                                                \
+  X(step_sumsq, kSum, kAllFamilies, "‖s_k‖², the epoch's step")                   \
+  X(step_dot_prev, kSum, kAllFamilies, "⟨s_k, s_{k-1}⟩ (0 for the first epoch)")  \
+  X(prev_step_sumsq, kSum, kAllFamilies, "‖s_{k-1}‖² (0 for the first epoch)")    \
+  X(distance_sumsq, kSum, kAllFamilies, "‖θ − θ_0‖², the distance from the start")
+
+enum EpochStat : int {
+#define IA_EPOCH_STAT_ENUM(name, combine, families, definition) k_epoch_##name,
+  IA_FOR_EACH_EPOCH_STAT(IA_EPOCH_STAT_ENUM)
+#undef IA_EPOCH_STAT_ENUM
+  kNumEpochStats
 };
+
+struct StatInfo {
+  const char* name;
+  Combine combine;
+  uint32_t families;
+  const char* definition;
+};
+
+inline constexpr StatInfo kStatTable[] = {
+#define IA_STAT_INFO(name, combine, families, definition) {#name, Combine::combine, families, definition},
+    IA_FOR_EACH_STAT(IA_STAT_INFO)
+#undef IA_STAT_INFO
+};
+static_assert(sizeof(kStatTable) / sizeof(kStatTable[0]) == kNumStats);
+
+inline constexpr StatInfo kEpochStatTable[] = {
+#define IA_EPOCH_STAT_INFO(name, combine, families, definition) {#name, Combine::combine, families, definition},
+    IA_FOR_EACH_EPOCH_STAT(IA_EPOCH_STAT_INFO)
+#undef IA_EPOCH_STAT_INFO
+};
+static_assert(sizeof(kEpochStatTable) / sizeof(kEpochStatTable[0]) == kNumEpochStats);
+
+inline constexpr Combine stat_combine(int stat) { return kStatTable[stat].combine; }
+
+// Combines two partial values of statistic `stat` as the table says (a NaN-propagating maximum).
+template <class T>
+inline T combine_partials(int stat, T a, T b) {
+  if (stat_combine(stat) == Combine::kMax) return (a != a || b != b) ? a + b : (a > b ? a : b);
+  return a + b;
+}
 
 }  // namespace instrumented_adam

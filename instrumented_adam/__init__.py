@@ -6,24 +6,52 @@
     opt.step()
     opt.last_step_statistics().derived()               # norms, cosines, effective lr, ...
     opt.end_epoch().derived()                          # epoch step norm, angle, distance
+
+The package's folders are its layers, each importing only the ones below it:
+
+    core/        the compiled ops, the statistics table, optimizers, functional API, reference
+    telemetry/   per-step capture, the run store, checkpoints, resume and branching, export
+    analysis/    relations between figures and losses, plots, the HTML report
+    demo/        built-in tasks and the command line
+
+Names are imported lazily: `import instrumented_adam.telemetry.store` (or reading a report)
+never loads torch's kernels or the compiled op library.
 """
 
-import torch  # noqa: F401  (loads libtorch before our op library)
+from __future__ import annotations
 
-from ._ops import NUM_STATS, STAT_INDEX, STAT_NAMES, Algorithm
-from .optimizer import Adam, Adamax, AdamW
-from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
+import importlib
+from typing import Any
 
-__all__ = [
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "Algorithm",
-    "STAT_NAMES",
-    "STAT_INDEX",
-    "NUM_STATS",
-    "EPOCH_COLUMNS",
-    "StepStatistics",
-    "EpochGeometry",
-]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    "Adam": "core.optimizer",
+    "AdamW": "core.optimizer",
+    "Adamax": "core.optimizer",
+    "Algorithm": "core._ops",
+    "STAT_NAMES": "core._ops",
+    "STAT_INDEX": "core._ops",
+    "NUM_STATS": "core._ops",
+    "EPOCH_COLUMNS": "core.stats",
+    "StepStatistics": "core.stats",
+    "EpochGeometry": "core.stats",
+    "Recorder": "telemetry.recorder",
+    "RunStore": "telemetry.store",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'instrumented_adam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from instrumented_adam import cli
-from instrumented_adam.tasks import TrainConfig, train_task
+from instrumented_adam.demo import cli
+from instrumented_adam.demo.tasks import TrainConfig, train_task
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +150,14 @@ def test_demo_out_must_be_a_directory(tmp_path, capsys):
 
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("instrumented-adam") == "instrumented_adam.cli:main"
+    assert scripts.get("instrumented-adam") == "instrumented_adam.demo.cli:main"
 
 
 def test_user_errors_in_a_fresh_process(tmp_path):
     # What a user sees: one line on stderr, status 1, no traceback. The installed console script
     # when there is one next to this interpreter, else the module.
     script = Path(sys.executable).parent / "instrumented-adam"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "instrumented_adam.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "instrumented_adam.demo.cli"]
     done = subprocess.run([*command, "runs", str(tmp_path / "missing.sqlite")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 1

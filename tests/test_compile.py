@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam._ops import NUM_STATS, fused_step
+from instrumented_adam.core._ops import NUM_STATS, adam_step as fused_step
 
 from conftest import GradBank, assert_same_state, make_params, set_grads
 

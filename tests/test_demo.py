@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from instrumented_adam import cli
-from instrumented_adam.store import RunStore
-from instrumented_adam.tasks import LOSS_SURFACE_KEY, TASKS, TrainConfig, quadratic_mse, train_task
+from instrumented_adam.demo import cli
+from instrumented_adam.telemetry.store import RunStore
+from instrumented_adam.demo.tasks import LOSS_SURFACE_KEY, TASKS, TrainConfig, quadratic_mse, train_task
 
 
 @pytest.fixture(autouse=True)

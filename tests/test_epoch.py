@@ -175,8 +175,8 @@ def test_add_param_group_after_an_epoch():
 
 
 # ---- the CPU epoch ops (csrc/cpu/epoch_cpu.cpp) ------------------------------------------------
-from instrumented_adam import _ops  # noqa: E402
-from instrumented_adam.optimizer import _Instrumented  # noqa: E402
+from instrumented_adam.core import _ops  # noqa: E402
+from instrumented_adam.core.optimizer import _Instrumented  # noqa: E402
 
 
 def _epoch_inputs(dtype, sizes=(1, 7, 33, 40000, 70001), seed=0):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam.export import to_csv, to_parquet, to_tensorboard
-from instrumented_adam.recorder import Recorder
-from instrumented_adam.store import RunStore
+from instrumented_adam.telemetry.export import to_csv, to_parquet, to_tensorboard
+from instrumented_adam.telemetry.recorder import Recorder
+from instrumented_adam.telemetry.store import RunStore
 
 
 @pytest.fixture(scope="module")

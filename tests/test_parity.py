@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam import reference
-from instrumented_adam._ops import Algorithm
+from instrumented_adam.core import reference
+from instrumented_adam.core._ops import Algorithm
 
 from conftest import (
     LARGE_SIZES,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam.recorder import AGGREGATES, EPOCH_FIGURES, STEP_FIGURES, Recorder
-from instrumented_adam.store import MetricClashError, RunStore
+from instrumented_adam.telemetry.recorder import AGGREGATES, EPOCH_FIGURES, STEP_FIGURES, Recorder
+from instrumented_adam.telemetry.store import MetricClashError, RunStore
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

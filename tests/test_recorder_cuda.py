@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam.recorder import STEP_FIGURES, Recorder
-from instrumented_adam.store import RunStore
+from instrumented_adam.telemetry.recorder import STEP_FIGURES, Recorder
+from instrumented_adam.telemetry.store import RunStore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

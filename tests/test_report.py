@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from instrumented_adam import plots
-from instrumented_adam.analysis import load_runs
-from instrumented_adam.recorder import Recorder
-from instrumented_adam.report import build_report, write_report
-from instrumented_adam.store import RunStore
-from instrumented_adam.tasks import TrainConfig, make_optimizer, train_task
+from instrumented_adam.analysis import plots
+from instrumented_adam.analysis.relations import load_runs
+from instrumented_adam.telemetry.recorder import Recorder
+from instrumented_adam.analysis.report import build_report, write_report
+from instrumented_adam.telemetry.store import RunStore
+from instrumented_adam.demo.tasks import TrainConfig, make_optimizer, train_task
 
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)">')
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import instrumented_adam as ia
-from instrumented_adam.checkpoint import CheckpointError, seed_everything
-from instrumented_adam.recorder import Recorder
-from instrumented_adam.store import RunStore
+from instrumented_adam.telemetry.checkpoint import CheckpointError, seed_everything
+from instrumented_adam.telemetry.recorder import Recorder
+from instrumented_adam.telemetry.store import RunStore
 
 # Columns that legitimately differ between two runs of the same training: ids and wall clocks.
 _VOLATILE = {"run_id", "wall_time"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from instrumented_adam.store import (
+from instrumented_adam.telemetry.store import (
     SCHEMA_VERSION,
     NotAStoreError,
     RunStore,
@@ -50,7 +50,7 @@ def test_another_sqlite_database_is_refused_untouched(tmp_path):
     before = _files(tmp_path)
     with pytest.raises(NotAStoreError, match="not an instrumented_adam run store.*customers"):
         RunStore(path, create=True)
-    from instrumented_adam.recorder import Recorder
+    from instrumented_adam.telemetry.recorder import Recorder
     import instrumented_adam as ia
     import torch
 
@@ -156,7 +156,7 @@ def test_a_reader_process_polls_while_training_writes(tmp_path):
     import torch
 
     import instrumented_adam as ia
-    from instrumented_adam.recorder import Recorder
+    from instrumented_adam.telemetry.recorder import Recorder
 
     db, stop, report = tmp_path / "live.sqlite", tmp_path / "stop", tmp_path / "report.json"
     progress = Path(str(report) + ".progress")

@@ -18,15 +18,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._ops import NUM_STATS, STAT_INDEX, STAT_NAMES
+from .figures import EPOCH_FIGURE_FORMULAS, STEP_FIGURE_FORMULAS, Figure, figures_for
+from .table import EPOCH_COLUMNS, EPOCH_STATS, NUM_STATS, STAT_INDEX, STAT_NAMES, STEP_STATS
 
 Level = Literal["tensor", "group", "overall"]
 
-#: Columns reduced with a maximum instead of a sum when tensors are aggregated.
-MAX_COLUMNS = frozenset({"eff_lr_max"})
+#: The figures `StepStatistics.derived` and `EpochGeometry.derived` return, in order (the
+#: recorder's and the store's columns): the declared formulas over this build's tables.
+STEP_FIGURES: tuple[Figure, ...] = figures_for(STAT_NAMES, STEP_FIGURE_FORMULAS)
+EPOCH_FIGURES: tuple[Figure, ...] = figures_for(EPOCH_COLUMNS, EPOCH_FIGURE_FORMULAS)
 
-#: Per-tensor sums of the epoch geometry, in column order.
-EPOCH_COLUMNS: tuple[str, ...] = ("step_sumsq", "step_dot_prev", "prev_step_sumsq", "distance_sumsq")
+#: Columns reduced with a maximum instead of a sum when tensors are aggregated (the table says which).
+MAX_COLUMNS = frozenset(s.name for s in (*STEP_STATS, *EPOCH_STATS) if s.is_max)
 
 
 def _aggregate(values: Tensor, columns: tuple[str, ...], groups: Tensor, num_groups: int, level: Level) -> Tensor:
@@ -55,6 +58,24 @@ def _aggregate(values: Tensor, columns: tuple[str, ...], groups: Tensor, num_gro
 def _safe_div(a: Tensor, b: Tensor) -> Tensor:
     """a / b, NaN where b is 0 (an undefined cosine or ratio is not 0 and not inf)."""
     return torch.where(b > 0, a / b, torch.full_like(a, float("nan")))
+
+
+def _apply(figure: Figure, s: dict[str, Tensor]) -> Tensor:
+    x = [s[name] for name in figure.inputs]
+    if figure.kind == "norm":
+        return x[0].sqrt()
+    if figure.kind == "norm_ratio":
+        return _safe_div(x[0].sqrt(), x[1].sqrt())
+    if figure.kind == "cosine":
+        return _safe_div(x[0], x[1].sqrt() * x[2].sqrt())
+    if figure.kind == "mean":
+        return _safe_div(x[0], s["numel"])
+    return x[0]  # "value"
+
+
+def evaluate(figures: tuple[Figure, ...], sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The figures' values from aggregated sums (and `numel`), by figure name, in order."""
+    return {f.name: _apply(f, sums) for f in figures}
 
 
 @dataclass(frozen=True)
@@ -97,39 +118,21 @@ class StepStatistics(_Table):
     columns: tuple[str, ...] = STAT_NAMES
 
     def derived(self, level: Level = "overall") -> dict[str, Tensor]:
-        """Norms, cosines and ratios per tensor, group or overall.
+        """The step figures (core.figures.STEP_FIGURES) per tensor, group or overall.
 
         grad_norm, exp_avg_norm, update_norm, param_norm: L2 norms;
         update_to_param: ‖Δθ‖/‖θ‖; cos_update_grad, cos_exp_avg_grad: cosines;
         cos_update_prev_epoch: cosine of the step with the previous epoch's step (NaN before the
         first epoch ends); second_moment_mean, eff_lr_mean: per-element means; eff_lr_max;
-        nonfinite_grads: count.
+        nonfinite_grads: count; any further sum of the table as itself.
         """
         s = self.sums(level)
-        grad_norm = s["grad_sumsq"].sqrt()
-        exp_avg_norm = s["exp_avg_sumsq"].sqrt()
-        update_norm = s["update_sumsq"].sqrt()
-        param_norm = s["param_sumsq"].sqrt()
-        out = {
-            "grad_norm": grad_norm,
-            "exp_avg_norm": exp_avg_norm,
-            "update_norm": update_norm,
-            "param_norm": param_norm,
-            "update_to_param": _safe_div(update_norm, param_norm),
-            "cos_update_grad": _safe_div(s["update_dot_grad"], update_norm * grad_norm),
-            "cos_exp_avg_grad": _safe_div(s["exp_avg_dot_grad"], exp_avg_norm * grad_norm),
-            "second_moment_mean": _safe_div(s["second_moment_sum"], s["numel"]),
-            "eff_lr_mean": _safe_div(s["eff_lr_sum"], s["numel"]),
-            "eff_lr_max": s["eff_lr_max"],
-            "update_dot_grad": s["update_dot_grad"],
-            "nonfinite_grads": s["nonfinite_grads"],
-        }
         if self.prev_step_sumsq is not None:
-            prev = _aggregate(self.prev_step_sumsq[:, None], ("p",), self.groups, self.num_groups, level)[:, 0]
-            out["cos_update_prev_epoch"] = _safe_div(s["update_dot_prev_epoch"], update_norm * prev.sqrt())
+            s["prev_step_sumsq"] = _aggregate(self.prev_step_sumsq[:, None], ("p",), self.groups, self.num_groups,
+                                              level)[:, 0]
         else:
-            out["cos_update_prev_epoch"] = torch.full_like(update_norm, float("nan"))
-        return out
+            s["prev_step_sumsq"] = torch.full_like(s["numel"], float("nan"))
+        return evaluate(STEP_FIGURES, s)
 
 
 @dataclass(frozen=True)
@@ -146,20 +149,15 @@ class EpochGeometry(_Table):
     columns: tuple[str, ...] = EPOCH_COLUMNS
 
     def derived(self, level: Level = "overall") -> dict[str, Tensor]:
-        """step_norm ‖s_k‖, prev_step_norm, cos_prev (NaN for the first epoch), distance_from_init."""
-        s = self.sums(level)
-        step_norm = s["step_sumsq"].sqrt()
-        prev_norm = s["prev_step_sumsq"].sqrt()
-        cos_prev = _safe_div(s["step_dot_prev"], step_norm * prev_norm)
-        if not self.has_previous:
-            cos_prev = torch.full_like(cos_prev, float("nan"))
-        return {
-            "step_norm": step_norm,
-            "prev_step_norm": prev_norm,
-            "step_dot_prev": s["step_dot_prev"],
-            "cos_prev": cos_prev,
-            "distance_from_init": s["distance_sumsq"].sqrt(),
-        }
+        """The epoch figures (core.figures.EPOCH_FIGURES): step_norm ‖s_k‖, prev_step_norm,
+        step_dot_prev, cos_prev (NaN for the first epoch), distance_from_init."""
+        out = evaluate(EPOCH_FIGURES, self.sums(level))
+        if not self.has_previous and "cos_prev" in out:  # no s_{k-1} yet: the angle is undefined
+            out["cos_prev"] = torch.full_like(out["cos_prev"], float("nan"))
+        return out
 
 
-__all__ = ["STAT_NAMES", "STAT_INDEX", "NUM_STATS", "EPOCH_COLUMNS", "StepStatistics", "EpochGeometry"]
+__all__ = [
+    "STAT_NAMES", "STAT_INDEX", "NUM_STATS", "EPOCH_COLUMNS", "STEP_FIGURES", "EPOCH_FIGURES", "StepStatistics",
+    "EpochGeometry", "evaluate",
+]

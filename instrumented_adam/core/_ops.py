@@ -6,13 +6,7 @@ from enum import IntEnum
 
 import torch
 
-from . import _C
-
-#: The statistics the kernels accumulate per tensor and step, in the kernels' column order.
-#: Read from the compiled library: csrc/stats_table.h is the one table.
-STAT_NAMES: tuple[str, ...] = tuple(_C.STAT_NAMES)
-STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(STAT_NAMES)}
-NUM_STATS = len(STAT_NAMES)
+from .table import NUM_STATS, STAT_INDEX, STAT_NAMES  # noqa: F401  (re-exported; loads the library)
 
 
 class Algorithm(IntEnum):
@@ -23,7 +17,8 @@ class Algorithm(IntEnum):
     ADAMAX = 2
 
 
-fused_step = torch.ops.instrumented_adam.fused_step
+#: The Adam family's step (Adam, AdamW, Adamax): the Python layer calls it by this name.
+adam_step = torch.ops.instrumented_adam.fused_step
 epoch_geometry = torch.ops.instrumented_adam.epoch_geometry
 sum_of_squares = torch.ops.instrumented_adam.sum_of_squares
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._ops import NUM_STATS, Algorithm, epoch_geometry, fused_step, sum_of_squares
+from ._ops import NUM_STATS, Algorithm, adam_step, epoch_geometry, sum_of_squares
 from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
 
 # Instrumentation state kept per parameter (besides torch's own keys); saved in state_dict.
@@ -422,7 +422,7 @@ class _Instrumented:
         if layout.stats is not None:
             start = layout.offsets[gi]
             stats = layout.stats[start : start + len(params)]
-        fused_step(
+        adam_step(
             call_params,
             call_grads,
             plan.exp_avgs,

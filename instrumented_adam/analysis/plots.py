@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .analysis import RunData, correlation_matrix
-from .tasks import LOSS_SURFACE_KEY, quadratic_mse
+from .relations import RunData, correlation_matrix
+from .surfaces import LOSS_SURFACE_KEY, quadratic_mse
 
 #: Width of a full-width figure, inches (at the report's 100 dpi: 1000 px).
 WIDTH = 10.0
@@ -236,7 +236,7 @@ def plot_step_figures(runs: Sequence[RunData]) -> Figure:
 
 def plot_layer_heatmap(run: RunData, figure: str = "step_norm", title: str | None = None) -> Figure:
     """Per-layer epoch step norms (log colour scale): rows layers, columns epochs."""
-    from .analysis import layer_series
+    from .relations import layer_series
 
     wide = layer_series(run.layers, figure)
     n_layers = max(1, wide.shape[1])

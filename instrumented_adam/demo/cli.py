@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- helpers ---------------------------------------------------------------------------------
 def open_store(path: Path):
     """Opens an existing store, with a user-facing message when it is missing or not a store."""
-    from .store import RunStore, StoreError
+    from ..telemetry.store import RunStore, StoreError
 
     if not path.exists():
         raise UserError(f"no run store at {path}")
@@ -142,7 +142,7 @@ def open_store(path: Path):
 
 
 def _resolve_runs(store, runs: Sequence[str]) -> list[int]:
-    from .store import UnknownRunError
+    from ..telemetry.store import UnknownRunError
 
     ids = []
     for run in runs:
@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .store import RunStore
+    from ..telemetry.store import RunStore
     from .tasks import TASKS, TrainConfig, least_squares, steps_per_epoch
 
     task_names = list(TASKS) if "all" in args.task else list(dict.fromkeys(args.task))
@@ -254,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         store.close()
         print(f"Report skipped (--no-report); write it with: {PROG} report {store_path}")
         return EXIT_OK
-    from .report import write_report
+    from ..analysis.report import write_report
 
     started = time.perf_counter()
     report_path = write_report(store, out_dir / DEMO_REPORT_NAME, runs=run_ids, title="instrumented_adam demo")
@@ -312,7 +312,7 @@ def _final_line(store, run_id: int, least_squares) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Writes the HTML report of runs in a store."""
-    from .report import write_report
+    from ..analysis.report import write_report
 
     store = open_store(args.store)
     try:
@@ -361,7 +361,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Exports runs with the functions of `instrumented_adam.export`."""
-    from . import export
+    from ..telemetry import export
 
     store = open_store(args.store)
     try:
@@ -388,7 +388,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``instrumented-adam`` console script; returns the exit status."""
-    from .store import StoreError
+    from ..telemetry.store import StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: message + SystemExit(2), argparse's convention

@@ -1,0 +1,1 @@
+"""The demo layer: built-in training tasks and the `instrumented-adam` command line."""
