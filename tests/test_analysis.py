@@ -178,3 +178,120 @@ def test_per_layer_correlations_and_matrix():
     assert matrix.shape == (1, 2) and matrix.iloc[0, 0] == pytest.approx(1.0)
     overall = analysis.correlation_matrix(corr)
     assert list(overall.index) == [analysis.EPOCH_FIGURES["step_norm"]]
+
+
+# ---- statistics that survive shared trends and autocorrelation ------------------------------------
+from scipy import stats as _stats  # noqa: E402
+
+from instrumented_adam.analysis import significance  # noqa: E402
+
+
+def _ar1(rng: np.random.Generator, rows: int, n: int, phi: float) -> np.ndarray:
+    """`rows` stationary AR(1) series of length n (unit innovations)."""
+    e = rng.normal(size=(rows, n))
+    out = np.empty_like(e)
+    out[:, 0] = e[:, 0] / math.sqrt(1 - phi * phi)
+    for k in range(1, n):
+        out[:, k] = phi * out[:, k - 1] + e[:, k]
+    return out
+
+
+def trended_series(seed: int, planted_lag: int | None = None, n: int = 80, figures: int = 4):
+    """Figures and a Δ val loss that share a decaying trend, with autocorrelated (AR(1), φ = 0.6)
+    noise; with `planted_lag`, figure f0's noise drives the target `planted_lag` epochs later."""
+    rng = np.random.default_rng(seed)
+    epochs = np.arange(n)
+    trend = np.exp(-epochs / 20)
+    noise = _ar1(rng, figures, n, 0.6)
+    columns = {(f"f{i}", f"f{i}", ""): pd.Series((1 + i) * trend + 0.1 * noise[i], index=epochs) for i in range(figures)}
+    target = -0.5 * trend + 0.05 * _ar1(rng, 1, n, 0.6)[0]
+    if planted_lag is not None:
+        target[planted_lag:] += 0.05 * noise[0, :-planted_lag]
+    return columns, {"val_loss_change": pd.Series(target, index=epochs)}
+
+
+SEEDS = 200
+
+
+def test_shared_trend_without_relation_is_not_significant():
+    # 4 figures × 4 lags per seed. A seed "finds something" when any test has q < 0.05.
+    found = naive_found = 0
+    for seed in range(SEEDS):
+        columns, targets = trended_series(seed)
+        table = significance.relation_tests(columns, targets, range(4), permutations=499, seed=seed, out_of_sample=False)
+        assert len(table) == 16 and table["p"].min() >= 1 / 500  # floored at what 499 permutations resolve
+        found += bool((table["q"] < 0.05).any())
+        # The old method: Spearman of the raw series, BH over the same tests.
+        naive_found += bool((_stats.false_discovery_control(table["naive_p"], method="bh") < 0.05).any())
+    assert found / SEEDS <= 0.07
+    assert naive_found / SEEDS >= 0.9  # the naive method reports the trend as a relation nearly always
+
+
+def test_planted_lagged_relation_is_found_at_its_lag():
+    right = 0
+    for seed in range(SEEDS):
+        columns, targets = trended_series(seed, planted_lag=2)
+        table = significance.relation_tests(columns, targets, range(4), permutations=499, seed=seed, out_of_sample=False)
+        best = significance.rank_tests(table, top=1).iloc[0]
+        right += bool(best["q"] < 0.05 and best["lag"] == 2 and best["figure"] == "f0")
+    assert right / SEEDS >= 0.9
+
+
+def test_detrending_methods():
+    epochs = np.arange(50.0)
+    trend = 3 * np.exp(-epochs / 10) + 0.5
+    # A smooth decay is almost entirely removed by the log-epoch polynomial.
+    assert np.nanstd(significance.detrend(trend, epochs)) < 1e-2 * np.std(trend)
+    diff = significance.detrend(np.array([1.0, 3.0, 6.0, 10.0]), np.array([0, 1, 2, 4]), "difference")
+    np.testing.assert_array_equal(np.isnan(diff), [True, False, False, True])  # epoch 3 is missing
+    assert diff[1] == 2.0 and diff[2] == 3.0
+    with pytest.raises(ValueError):
+        significance.detrend(trend, epochs, "loess")
+
+
+def test_block_permutations_are_permutations_of_blocks():
+    idx = significance.block_permutations(30, 5, 50, np.random.default_rng(0))
+    assert idx.shape == (50, 30)
+    assert (np.sort(idx, axis=1) == np.arange(30)).all()
+    # Inside a block, consecutive positions stay consecutive: most steps are +1.
+    assert (np.diff(idx, axis=1) == 1).mean() > 0.7
+
+
+def test_effective_sample_size_and_interval():
+    rng = np.random.default_rng(5)
+    white = rng.normal(size=(2, 400))
+    assert significance.effective_sample_size(*white) == pytest.approx(400, rel=0.25)
+    red = _ar1(rng, 2, 400, 0.9)
+    # Two AR(1) with φ = 0.9: n_eff ≈ n·(1 − φ²)/(1 + φ²) ≈ 0.105·n.
+    assert 15 < significance.effective_sample_size(*red) < 90
+    low, high = significance.fisher_interval(0.5, 50)
+    assert low < 0.5 < high and high - low == pytest.approx(2 * 1.959964 / math.sqrt(47) * (1 - 0.25), rel=0.2)
+
+
+def test_out_of_sample_gain_rewards_a_leading_figure_only():
+    rng = np.random.default_rng(2)
+    n = 200
+    x = rng.normal(size=n)
+    y = 0.3 * _ar1(rng, 1, n, 0.5)[0]
+    y_led = y.copy()
+    y_led[3:] += x[:-3]
+    assert significance.out_of_sample_gain(x, y_led, 3) > 0.5
+    assert significance.out_of_sample_gain(x, y, 3) < 0.05  # an unrelated figure does not help
+    assert math.isnan(significance.out_of_sample_gain(x[:8], y[:8], 3))  # too few points
+
+
+def test_relations_of_a_run_default_to_the_validation_loss_and_take_a_window():
+    columns, targets = trended_series(1, planted_lag=1)
+    series = pd.DataFrame({"epoch": np.arange(80), "step_norm": columns[("f0", "f0", "")].to_numpy(),
+                           "val_loss_change": targets["val_loss_change"].to_numpy(),
+                           "train_loss_change": np.zeros(80) + np.arange(80.0)})
+    table = analysis.relations(series, lags=range(0, 3), permutations=199)
+    assert set(table["target"]) == {"val_loss_change"} and set(table["lag"]) == {0, 1, 2}
+    best = significance.rank_tests(table, top=1).iloc[0]
+    assert best["lag"] == 1 and best["q"] < 0.05 and best["oos_gain"] > 0
+    windowed = analysis.relations(series, lags=[1], window=(20, 59), permutations=99)
+    assert windowed.loc[0, "n"] == 39  # pairs (k, k+1) with both epochs in 20..59
+    train = analysis.relations(series, target="train", lags=[0], permutations=99)
+    assert set(train["target"]) == {"train_loss_change"}
+    with pytest.raises(ValueError):
+        analysis.relations(series, target="test")

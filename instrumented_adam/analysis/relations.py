@@ -17,7 +17,11 @@ same epoch and lag 2 asks whether X predicts the loss change two epochs later. T
 change of epoch k is loss[k] − loss[k−1] (losses are taken at epoch ends), so the first
 epoch has none.
 
-Caveat worth keeping in mind when reading the ranked table: over a whole training most
+`correlations` is the plain, naive test (kept for notebooks and as the baseline the tests show
+failing); `relations` is the one the report and `instrumented-adam report` use: detrended series,
+autocorrelation-aware significance, confidence intervals, BH q-values and an out-of-sample check.
+
+Caveat worth keeping in mind when reading the naive table: over a whole training most
 figures and the loss change drift together (everything shrinks as training converges), so
 strong correlations often reflect that shared trend rather than a mechanism. Many figures ×
 targets × lags are tested: the Benjamini–Hochberg q-values account for that multiplicity.
@@ -34,39 +38,58 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-#: Overall epoch-level figures correlated with the loss changes, with a label for tables/plots.
-#: Columns are those of `RunStore.epochs` (``<f>_mean`` is the mean of step figure f over the
-#: epoch's recorded steps) plus what `epoch_series` derives.
-EPOCH_FIGURES: dict[str, str] = {
-    "step_norm": "epoch step norm ‖s_k‖",
-    "cos_prev": "cos(s_k, s_{k−1})",
-    "distance_from_init": "distance from init ‖θ−θ₀‖",
-    "grad_norm_mean": "gradient norm (mean)",
-    "exp_avg_norm_mean": "first moment norm ‖m‖ (mean)",
-    "second_moment_mean_mean": "second moment, mean element (mean)",
-    "eff_lr_mean_mean": "effective lr, mean element (mean)",
-    "eff_lr_max_max": "effective lr, max element (max)",
-    "update_norm_mean": "update norm ‖Δθ‖ (mean)",
-    "update_to_param_mean": "update/param ‖Δθ‖/‖θ‖ (mean)",
-    "cos_update_grad_mean": "cos(Δθ, g) (mean)",
-    "cos_exp_avg_grad_mean": "cos(m, g) (mean)",
-    "cos_update_prev_epoch_mean": "cos(Δθ, s_{k−1}) (mean)",
+from ..core.figures import EPOCH_FIGURE_FORMULAS, STEP_FIGURE_FORMULAS, label
+from . import significance
+
+# What is correlated comes from the figure declarations (core.figures, torch-free) and the columns
+# the store actually has; this module types no figure names of its own beyond the few it derives.
+#: Figures declared for bookkeeping that are not relations to test: counts of bad elements (health
+#: diagnostics report them), and the previous epoch's step and the raw dot product (cos_prev and
+#: step_norm already carry them).
+_NOT_RELATIONS = frozenset({"nonfinite_grads", "prev_step_norm", "step_dot_prev", "update_dot_grad"})
+#: Columns `derive_epoch_series` adds, and the hyperparameters in force, with their labels.
+DERIVED_FIGURES: dict[str, str] = {
     "predicted_loss_change": "predicted loss change Σ⟨Δθ, g⟩",
     "lr": "learning rate",
     "weight_decay": "weight decay",
 }
 
-#: Per-tensor figures (columns of `RunStore.layers`) correlated per layer. The epoch geometry
-#: is the epoch's; the step figures are those of the epoch's last step (what the store keeps).
+
+def _epoch_figures() -> dict[str, str]:
+    out = {f.name: f.label for f in EPOCH_FIGURE_FORMULAS if f.name not in _NOT_RELATIONS}
+    for f in STEP_FIGURE_FORMULAS:
+        if f.name in _NOT_RELATIONS:
+            continue
+        # The largest element's effective lr is summarised by its epoch maximum, the rest by the mean.
+        column = f"{f.name}_max" if f.name == "eff_lr_max" else f"{f.name}_mean"
+        out[column] = label(column)
+    out.update(DERIVED_FIGURES)
+    return out
+
+
+#: Overall epoch-level figures related to the loss changes (column → label): the epoch geometry
+#: and the epoch aggregate of every step figure declared in `core.figures`, plus what
+#: `epoch_series` derives. `epoch_figures(frame)` adds any further aggregate the store holds.
+EPOCH_FIGURES: dict[str, str] = _epoch_figures()
+
+#: Per-tensor figures (columns of `RunStore.layers`) related per layer: the epoch geometry is the
+#: epoch's, the step figures are those of the epoch's last step (what the store keeps).
 LAYER_FIGURES: dict[str, str] = {
-    "step_norm": "epoch step norm",
-    "cos_prev": "cos(s_k, s_{k−1})",
-    "distance_from_init": "distance from init",
-    "update_to_param": "update/param (last step)",
-    "exp_avg_norm": "‖m‖ (last step)",
-    "second_moment_mean": "mean v (last step)",
-    "eff_lr_mean": "effective lr (last step)",
+    **{f.name: f.label for f in EPOCH_FIGURE_FORMULAS if f.name not in _NOT_RELATIONS},
+    **{name: f"{label(name)} (last step)" for name in ("update_to_param", "exp_avg_norm", "second_moment_mean", "eff_lr_mean")},
 }
+
+
+def epoch_figures(frame: pd.DataFrame) -> dict[str, str]:
+    """The epoch figures `frame` has: the declared ones present, then every other ``<sum>_mean``
+    aggregate of a statistic the table gained later (so a new statistic is related with no edit)."""
+    out = {k: v for k, v in EPOCH_FIGURES.items() if k in frame}
+    known = {f.name for f in STEP_FIGURE_FORMULAS}
+    for column in frame.columns:
+        if column.endswith("_mean") and column[: -len("_mean")] not in known and column not in out:
+            out[column] = label(column)
+    return out
+
 
 #: The loss changes correlated against, when the run logged the loss.
 TARGETS: dict[str, str] = {
@@ -305,6 +328,74 @@ def run_correlations(
     return correlations(series, max_lag=max_lag, layers=layers, min_points=min_points)
 
 
+#: Targets by their short names (CLI ``--target``): the loss whose change is predicted.
+TARGET_CHOICES: dict[str, tuple[str, ...]] = {
+    "val": ("val_loss_change",),
+    "train": ("train_loss_change",),
+    "both": ("val_loss_change", "train_loss_change"),
+}
+
+
+def relations(
+    series: pd.DataFrame,
+    *,
+    target: str = "val",
+    lags: Iterable[int] = range(0, 4),
+    window: tuple[int | None, int | None] | None = None,
+    figures: Mapping[str, str] | Sequence[str] | None = None,
+    layers: pd.DataFrame | None = None,
+    layer_figures: Mapping[str, str] | Sequence[str] | None = None,
+    method: str = "log-trend",
+    permutations: int = 999,
+    seed: int = 0,
+    min_points: int = 12,
+) -> pd.DataFrame:
+    """Relations of the epoch figures with a loss change that survive trends and autocorrelation.
+
+    The sound counterpart of `correlations` (see `instrumented_adam.analysis.significance` for the
+    method): detrended series, block-permutation p-values floored at 1/(1 + permutations),
+    effective-sample-size confidence intervals, Benjamini–Hochberg q-values and an out-of-sample
+    check against the target's own recent history.
+
+    Args:
+        series: one row per epoch (e.g. `epoch_series`).
+        target: 'val' (default: the change of the validation loss), 'train', 'both', or a column.
+        lags: figure of epoch k against the target of epoch k + lag.
+        window: (first, last) epoch analysed, inclusive (None: all).
+        figures, layers, layer_figures: as for `correlations`.
+        method, permutations, seed, min_points: see `significance.relation_tests`.
+
+    Returns:
+        A table with `significance.RELATION_COLUMNS`, one row per figure × target × lag (and layer).
+    """
+    if target in TARGET_CHOICES:
+        wanted = [t for t in TARGET_CHOICES[target] if t in series]
+    elif target in series:
+        wanted = [target]
+    else:
+        raise ValueError(f"target must be one of {list(TARGET_CHOICES)} or a column of the series, got {target!r}")
+    indexed = series.set_index("epoch")
+    chosen = epoch_figures(series) if figures is None else _labels(figures, EPOCH_FIGURES, series)
+    columns = {(f, lab, ""): indexed[f] for f, lab in chosen.items()}
+    if layers is not None and not layers.empty:
+        lfig = _labels(layer_figures, LAYER_FIGURES, layers)
+        wide = layer_wide(layers, lfig)
+        for col in wide.columns:
+            layer, figure = col.rsplit(":", 1)
+            columns[(figure, lfig[figure], layer)] = wide[col]
+    return significance.relation_tests(
+        columns, {t: indexed[t] for t in wanted}, lags, window=window, method=method,
+        permutations=permutations, seed=seed, min_points=min_points,
+    )
+
+
+def run_relations(store: Any, run: int | str, *, per_layer: bool = True, **kwargs: Any) -> pd.DataFrame:
+    """`relations` of one stored run (keyword arguments as for `relations`)."""
+    run_id = store.run_id(run)
+    layers = store.layers(run_id) if per_layer else None
+    return relations(epoch_series(store, run_id), layers=layers, **kwargs)
+
+
 def rank_relations(corr: pd.DataFrame, top: int | None = 20, by: str = "spearman") -> pd.DataFrame:
     """The strongest relations first, with Benjamini–Hochberg q-values over the whole table.
 
@@ -346,6 +437,11 @@ def correlation_matrix(corr: pd.DataFrame, coefficient: str = "spearman_rho", la
 
 __all__ = [
     "EPOCH_FIGURES",
+    "DERIVED_FIGURES",
+    "epoch_figures",
+    "TARGET_CHOICES",
+    "relations",
+    "run_relations",
     "LAYER_FIGURES",
     "TARGETS",
     "CORRELATION_COLUMNS",
