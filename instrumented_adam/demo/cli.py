@@ -207,9 +207,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..telemetry.store import RunStore
-    from .tasks import TASKS, TrainConfig, least_squares, steps_per_epoch
+    from .tasks import DEFAULT_DEMO_TASKS, TASKS, TrainConfig, least_squares, steps_per_epoch
 
-    task_names = list(TASKS) if "all" in args.task else list(dict.fromkeys(args.task))
+    task_names = list(DEFAULT_DEMO_TASKS) if "all" in args.task else list(dict.fromkeys(args.task))
     if "digits" in task_names and importlib.util.find_spec("sklearn") is None:
         raise UserError("the digits task needs scikit-learn (its bundled digits data): pip install scikit-learn, "
                         "or run --task linreg")
