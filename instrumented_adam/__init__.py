@@ -30,6 +30,9 @@ _LAZY = {
     "Adam": "core.optimizer",
     "AdamW": "core.optimizer",
     "Adamax": "core.optimizer",
+    # The functional module itself (core.optimizer imports it under this name):
+    # `instrumented_adam.functional.adam(...)`; `import instrumented_adam.functional` works too.
+    "functional": "core.optimizer",
     "Algorithm": "core._ops",
     "STAT_NAMES": "core._ops",
     "STAT_INDEX": "core._ops",

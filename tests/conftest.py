@@ -30,7 +30,7 @@ EXPECT_CAPABILITY_ENV = "IA_EXPECT_CPU_CAPABILITY"
 #: The optimizer test modules this conftest's thread setting applies to (other modules in tests/
 #: keep the process default).
 ONE_THREAD_MODULES = {"test_parity", "test_statistics", "test_epoch", "test_state_dict", "test_bad_input",
-                      "test_compile"}
+                      "test_compile", "test_functional", "test_differentiable"}
 
 
 def pytest_configure(config):

@@ -15,7 +15,8 @@
 | state strides ≠ parameter strides      | (a loaded checkpoint) re-laid out like the parameter          |
 | parameter without gradient             | skipped: zero statistics row, state untouched                 |
 | lr as a tensor of 2 elements           | ValueError (constructor) / RuntimeError (step), state intact  |
-| differentiable=True                    | RuntimeError at construction                                  |
+| differentiable=True                    | torch's differentiable math, reference statistics             |
+|                                        | (test_differentiable.py)                                      |
 | integer parameters                     | RuntimeError at the first step                                |
 """
 
@@ -216,9 +217,22 @@ def test_lr_tensor_with_two_elements_set_later():
     assert opt.steps_done == 1
 
 
-def test_differentiable_rejected():
-    with pytest.raises(RuntimeError, match="does not support differentiable=True"):
-        ia.Adam([torch.randn(3)], differentiable=True)
+@pytest.mark.parametrize("name", ALL)
+def test_differentiable_accepted(name):
+    """differentiable=True steps like torch's differentiable optimizer (bitwise, with a graph) and
+    is measured; test_differentiable.py checks gradients, statistics and checkpoints in depth."""
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    results, optimizers = [], []
+    for cls in (ours_cls, torch_cls):
+        p = torch.linspace(-1, 1, 5, requires_grad=True).clone()
+        opt = cls([p], lr=1e-2, differentiable=True)
+        p.grad = torch.linspace(0.5, -2, 5)
+        opt.step()
+        assert p.grad_fn is not None
+        results.append(p)
+        optimizers.append(opt)
+    assert torch.equal(*results)
+    assert (optimizers[0].last_step_statistics().values != 0).any()
 
 
 # ---- state_dict of something else -----------------------------------------------------------------

@@ -6,6 +6,13 @@ torch.optim.Adam)` holds for LR schedulers and other tooling. Only the step diff
 of the fused kernel per parameter group updates every tensor and, in the same pass over memory,
 measures the statistics of `STAT_NAMES`.
 
+The step itself is `core.functional` (`adam` / `adamax`): these classes keep the state, the plan
+of each group's tensor lists and the statistics buffer, and call it once per group.
+
+`differentiable=True` is accepted, as by torch.optim: such a group steps with torch's own
+differentiable single-tensor math and its statistics come from `core.reference` (see
+`core.functional` for the cost), so autograd can differentiate through `step()`.
+
 Instrumentation options (keyword-only):
   statistics      per-step statistics in the kernel (default True; False runs the plain update)
   epoch_geometry  keep θ at the last epoch boundary, the previous epoch's step and θ_0 on the
@@ -22,7 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._ops import NUM_STATS, Algorithm, adam_step, epoch_geometry, sum_of_squares
+from . import functional
+from ._ops import NUM_STATS, epoch_geometry, sum_of_squares
 from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
 
 # Instrumentation state kept per parameter (besides torch's own keys); saved in state_dict.
@@ -173,14 +181,20 @@ class _Instrumented:
     def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, **kwargs: Any) -> None:
         self._ia = _Bookkeeping()
         super().__init__(*args, **kwargs)
-        for group in self.param_groups:
-            if group.get("differentiable"):
-                raise RuntimeError(f"{type(self).__name__} from instrumented_adam does not support differentiable=True")
         self.statistics = bool(statistics)
         self.epoch_geometry = bool(epoch_geometry)
-        # The kernel unscales gradients and skips inf steps itself (GradScaler passes
-        # grad_scale / found_inf instead of synchronising), like torch's fused optimizers.
-        self._step_supports_amp_scaling = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler reads this. The kernel unscales gradients and skips inf steps itself (GradScaler
+        # passes grad_scale / found_inf instead of synchronising), like torch's fused optimizers;
+        # torch's differentiable math does not, so then GradScaler unscales first, as for torch.optim.
+        return not any(group.get("differentiable") for group in self.param_groups)
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        # torch's __init__ sets it for fused=True; here it follows from the groups instead.
+        pass
 
     # ---- bookkeeping (see _Bookkeeping) -----------------------------------------------------
     @property
@@ -214,13 +228,20 @@ class _Instrumented:
         state = super().__getstate__()
         state["statistics"] = self.statistics
         state["epoch_geometry"] = self.epoch_geometry
-        state["_step_supports_amp_scaling"] = True
         state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done)
         return state
 
     # ---- structure --------------------------------------------------------------------------
-    def _algorithm(self, group: dict) -> Algorithm:
-        return Algorithm.ADAMW if group.get("decoupled_weight_decay") else Algorithm.ADAM
+    def _functional_step(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         second_moments: list[Tensor], max_second_moments: list[Tensor],
+                         state_steps: list[Tensor], **kwargs: Any) -> None:
+        """The family's `core.functional` step with the group's hyperparameters."""
+        beta1, beta2 = group["betas"]
+        functional.adam(params, grads, exp_avgs, second_moments, max_second_moments, state_steps,
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], amsgrad=bool(group.get("amsgrad", False)),
+                        maximize=bool(group.get("maximize", False)),
+                        decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)), **kwargs)
 
     def _invalidate(self) -> None:
         self._ia.plans = {}
@@ -272,8 +293,14 @@ class _Instrumented:
         if len(state) == 0:
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(self._sparse_message)
-            # torch's fused layout: a float32 step on the parameter's device.
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            # torch's fused layout: a float32 step on the parameter's device. A differentiable group
+            # takes the dtype torch.optim's differentiable path creates (float64 under a float64
+            # default dtype), since torch's math computes the bias corrections in the step's dtype:
+            # the same dtype gives the same update and the same gradients through it.
+            step_dtype = torch.float32
+            if group.get("differentiable") and torch.get_default_dtype() == torch.float64:
+                step_dtype = torch.float64
+            state["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[self._second_moment_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         else:
@@ -371,6 +398,8 @@ class _Instrumented:
 
     def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:
         """One kernel call for the group; True when its plan had to be (re)built."""
+        if group.get("differentiable"):
+            return self._step_group_differentiable(gi, group, layout, grad_scale, found_inf)
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
@@ -415,40 +444,68 @@ class _Instrumented:
                 grad = call_grads[pos]
                 call_grads[pos] = grad.contiguous()
                 copies.append((pos, grad, call_grads[pos]))
-        lr = group["lr"]
-        lr_tensor = lr if torch.is_tensor(lr) else None
-        beta1, beta2 = group["betas"]
         stats = None
         if layout.stats is not None:
             start = layout.offsets[gi]
             stats = layout.stats[start : start + len(params)]
-        adam_step(
-            call_params,
-            call_grads,
-            plan.exp_avgs,
-            plan.second_moments,
-            plan.max_second_moments,
-            plan.prev_epoch_steps,
-            plan.state_steps,
-            algorithm=int(self._algorithm(group)),
-            lr=0.0 if lr_tensor is not None else float(lr),
-            lr_tensor=lr_tensor,
-            beta1=float(beta1),
-            beta2=float(beta2),
-            weight_decay=float(group["weight_decay"]),
-            eps=float(group["eps"]),
-            amsgrad=bool(group.get("amsgrad", False)),
-            maximize=bool(group.get("maximize", False)),
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            stats=stats,
-            stat_rows=plan.stat_rows,
-        )
+        self._functional_step(group, call_params, call_grads, plan.exp_avgs, plan.second_moments,
+                              plan.max_second_moments, plan.state_steps, prev_epoch_steps=plan.prev_epoch_steps,
+                              stats=stats, stat_rows=plan.stat_rows, grad_scale=grad_scale, found_inf=found_inf)
         for pos in plan.relayout:
             plan.params[pos].copy_(call_params[pos])
         if grad_scale is not None:  # the kernel unscaled the gradient copies: write them back
             for pos, original, dense in copies:
                 original.copy_(dense)
+        return replanned
+
+    def _step_group_differentiable(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:
+        """A differentiable=True group: torch's differentiable math through `core.functional`.
+
+        The tensor lists are gathered from the state at every step, not planned: meta-learning
+        code often replaces state tensors between steps (torch's own differentiable tests do), and
+        the parameters and state are passed as they are (complex, any layout), since torch's
+        single-tensor math takes them so.
+        """
+        params = group["params"]
+        has_grad = tuple(p.grad is not None for p in params)
+        key = ("differentiable", has_grad)
+        plan = self._ia.plans.get(gi)
+        replanned = plan is None or plan.key != key
+        indices = [i for i, h in enumerate(has_grad) if h]
+        if replanned:  # only which parameters step matters here (per-element means count them)
+            plan = self._ia.plans[gi] = _GroupPlan(key, indices, [], [], [], [], [], [], [])
+        stats = None
+        if layout.stats is not None:
+            start = layout.offsets[gi]
+            stats = layout.stats[start : start + len(params)]
+        if not indices:
+            if stats is not None:
+                stats.zero_()
+            return replanned
+        amsgrad = bool(group.get("amsgrad", False))
+        track_prev = self.statistics and self.epoch_geometry and self._ia.has_prev_epoch
+        call_params, grads, exp_avgs, seconds, maxes, prevs, steps = [], [], [], [], [], [], []
+        for i in indices:
+            p = params[i]
+            if p.grad.layout != torch.strided:
+                raise RuntimeError(self._sparse_message)
+            state = self._init_state(p, group)
+            call_params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            seconds.append(state[self._second_moment_key])
+            if amsgrad:
+                maxes.append(state["max_exp_avg_sq"])
+            if track_prev:
+                prevs.append(state[PREV_EPOCH_STEP_KEY])
+            steps.append(state["step"])
+        # As torch.optim's step (_use_grad_for_differentiable): autograd records the step when the
+        # optimizer was built with differentiable=True.
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            self._functional_step(group, call_params, grads, exp_avgs, seconds, maxes, steps, prev_epoch_steps=prevs,
+                                  stats=stats, stat_rows=[] if len(indices) == len(params) else indices,
+                                  grad_scale=grad_scale, found_inf=found_inf,
+                                  has_complex=any(p.is_complex() for p in call_params), differentiable=True)
         return replanned
 
     # ---- statistics -------------------------------------------------------------------------
@@ -672,5 +729,10 @@ class Adamax(_Instrumented, torch.optim.Adamax):
     _second_moment_key = "exp_inf"
     _sparse_message = "Adamax does not support sparse gradients"
 
-    def _algorithm(self, group: dict) -> Algorithm:
-        return Algorithm.ADAMAX
+    def _functional_step(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         second_moments: list[Tensor], max_second_moments: list[Tensor],
+                         state_steps: list[Tensor], **kwargs: Any) -> None:
+        beta1, beta2 = group["betas"]
+        functional.adamax(params, grads, exp_avgs, second_moments, state_steps, lr=group["lr"], beta1=beta1,
+                          beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                          maximize=bool(group.get("maximize", False)), **kwargs)

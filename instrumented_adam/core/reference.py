@@ -51,10 +51,9 @@ def step(
     if algorithm == Algorithm.ADAMAX:
         # u ← max(β2·u, |g| + ε);  θ ← θ − α/(1 − β1^t) · m/u
         torch.maximum(second_moment * beta2, d.abs() + eps, out=second_moment)
-        denom = second_moment
         moment = second_moment
         step_size = lr / bias_correction1
-        param.sub_(step_size * exp_avg / denom)
+        param.sub_(step_size * exp_avg / second_moment)
     else:
         second_moment.mul_(beta2).add_((1 - beta2) * d * d)  # v ← β2·v + (1 − β2)·g²
         moment = second_moment
@@ -63,26 +62,71 @@ def step(
             moment = max_second_moment
         m_hat = exp_avg / bias_correction1  # m̂ = m/(1 − β1^t)
         v_hat = moment / (1 - beta2**t)  # v̂ = v/(1 − β2^t)
-        denom = (v_hat.sqrt() + eps) * bias_correction1  # so that α·m/denom = α·m̂/(√v̂ + ε)
         param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
-    delta = param - theta_before
-    eff_lr = lr / denom  # per-element effective step size
-    g64, m64, delta64 = g.double(), exp_avg.double(), delta.double()
+    # α·m̂/(√v̂ + ε) = effective_lr · m (Adamax: α/(1 − β1^t) · m/u = effective_lr · m)
+    eff_lr = effective_lr(moment, t, algorithm=algorithm, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    row = statistics(theta_before, param, g, exp_avg, moment, eff_lr, prev_epoch_step)
+    return dict(zip(STAT_NAMES, row.tolist()))
+
+
+def effective_lr(
+    moment: Tensor,
+    step_number: int | Tensor,
+    *,
+    algorithm: Algorithm,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> Tensor:
+    """The per-element effective step size of step t, in `moment`'s dtype.
+
+    Adam/AdamW: α / ((√(v/(1 − β2^t)) + ε)·(1 − β1^t)), the factor that multiplies m in the update;
+    Adamax: α / ((1 − β1^t)·u). `moment` is the one in the denominator after the step (max v for
+    amsgrad); t may be a tensor (a state step), so nothing here reads a value on the host.
+    """
+    bias_correction1 = 1 - beta1**step_number
+    if algorithm == Algorithm.ADAMAX:
+        return lr / (bias_correction1 * moment)
+    v_hat = moment / (1 - beta2**step_number)
+    return lr / ((v_hat.sqrt() + eps) * bias_correction1)
+
+
+def statistics(
+    theta_before: Tensor,
+    theta_after: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    moment: Tensor,
+    eff_lr: Tensor,
+    prev_epoch_step: Tensor | None = None,
+) -> Tensor:
+    """One tensor's step statistics, in float64, in STAT_NAMES order: a [NUM_STATS] tensor.
+
+    From what the step observed: θ before and after (Δθ is their difference as stored), the
+    gradient as stored in p.grad (before maximize and weight decay), m_t, the moment in the
+    denominator and the effective step size per element (`effective_lr`); s_{k−1} when tracked.
+    """
+    g64, m64 = grad.double(), exp_avg.double()
+    delta64 = (theta_after - theta_before).double()
+    zero = torch.zeros((), dtype=torch.float64, device=theta_after.device)
+    eff64 = eff_lr.double()
     stats = {
         "grad_sumsq": (g64 * g64).sum(),
         "exp_avg_sumsq": (m64 * m64).sum(),
         "second_moment_sum": moment.double().sum(),
         "update_sumsq": (delta64 * delta64).sum(),
-        "param_sumsq": (param.double() ** 2).sum(),
+        "param_sumsq": (theta_after.double() ** 2).sum(),
         "update_dot_grad": (delta64 * g64).sum(),
         "exp_avg_dot_grad": (m64 * g64).sum(),
-        "update_dot_prev_epoch": (delta64 * prev_epoch_step.double()).sum() if prev_epoch_step is not None else 0.0,
-        "nonfinite_grads": (~torch.isfinite(g)).sum(),
-        "eff_lr_sum": eff_lr.double().sum(),
-        "eff_lr_max": eff_lr.double().max() if eff_lr.numel() else 0.0,
+        "update_dot_prev_epoch": (delta64 * prev_epoch_step.double()).sum() if prev_epoch_step is not None else zero,
+        "nonfinite_grads": (~torch.isfinite(grad)).sum().double(),
+        "eff_lr_sum": eff64.sum(),
+        "eff_lr_max": eff64.max() if eff64.numel() else zero,
     }
-    assert tuple(stats) == STAT_NAMES, "the reference must follow the one statistics table"
-    return {k: float(v) for k, v in stats.items()}
+    if tuple(stats) != STAT_NAMES:
+        raise AssertionError("the reference must follow the one statistics table")
+    return torch.stack([v.to(device=zero.device, dtype=torch.float64) for v in stats.values()])
 
 
 def epoch_geometry(theta_end: Tensor, theta_prev_end: Tensor, prev_step: Tensor | None, theta_0: Tensor) -> dict[str, float]:
@@ -98,4 +142,4 @@ def epoch_geometry(theta_end: Tensor, theta_prev_end: Tensor, prev_step: Tensor 
     }
 
 
-__all__ = ["step", "epoch_geometry"]
+__all__ = ["step", "effective_lr", "statistics", "epoch_geometry"]
