@@ -5,9 +5,9 @@ TensorBoard tags follow what users already see from PyTorch Lightning and their 
 
     lr-<Optimizer>[/pg<i>]              learning rate (Lightning's LearningRateMonitor names;
     lr-<Optimizer>[/pg<i>]-momentum       /pg<i> only with several param groups, 1-based)
-    lr-<Optimizer>[/pg<i>]-weight_decay   beta1 as "momentum", as Lightning logs it for Adam
+    lr-<Optimizer>[/pg<i>]-weight_decay   beta1 (or SGD's momentum) as "momentum", as Lightning logs it
     optimizer/<figure>                  overall step figures (update_norm, grad_norm, ...)
-    optimizer/beta2, optimizer/eps      the other hyperparameters in force
+    optimizer/<hyperparameter>          the run's other hyperparameters in force (beta2, eps, ...)
     optimizer/pg<i>/<figure>            per-group step figures (several groups only)
     epoch                               the epoch index (as Lightning logs it)
     epoch/<figure>                      epoch geometry (step_norm, cos_prev, distance_from_init, ...)
@@ -17,23 +17,48 @@ TensorBoard tags follow what users already see from PyTorch Lightning and their 
 
 CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics), the
 frames of `RunStore`'s loaders.
+
+Nothing is written outside the output directory: a run's directory name is made from its id and
+its name with every character other than letters, digits, '.', '_' and '-' replaced (a run named
+``a/../../x`` exports to ``<logdir>/3-a_.._.._x``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .store import HYPER_COLUMNS, RunStore
+from .store import KNOWN_HYPERPARAMETERS, RunStore
 
 _TABLES = ("runs", "steps", "step_groups", "epochs", "layers", "metrics")
-_STEP_KEYS = frozenset({"run_id", "step", "epoch", "grp", *HYPER_COLUMNS})
-_EPOCH_KEYS = frozenset({"run_id", "epoch", "step", "num_steps", "recorded_steps", "wall_time", *HYPER_COLUMNS})
+_STEP_KEYS = frozenset({"run_id", "step", "epoch", "grp"})
+_EPOCH_KEYS = frozenset({"run_id", "epoch", "step", "num_steps", "recorded_steps", "wall_time"})
 _LAYER_KEYS = frozenset({"run_id", "epoch", "layer_index", "layer", "grp", "numel"})
+# Hyperparameters shown under Lightning's lr-<Optimizer> tags rather than optimizer/<name>.
+_LR_TAGGED = frozenset({"lr", "weight_decay", "beta1", "momentum"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_file_name(name: str, max_length: int = 100) -> str:
+    """`name` as one file name component: characters other than letters, digits, '.', '_' and
+    '-' become '_' (so no separator, no drive, no '..' component), never empty or hidden."""
+    cleaned = _UNSAFE.sub("_", str(name))[:max_length]
+    if cleaned.strip(".") == "" or cleaned.startswith("."):
+        cleaned = "_" + cleaned
+    return cleaned
+
+
+def _inside(directory: Path, child: Path) -> Path:
+    """`child`, after checking that it resolves inside `directory` (no write ever escapes it)."""
+    root, target = directory.resolve(), child.resolve()
+    if target != root and root not in target.parents:
+        raise ValueError(f"refusing to write {child}: it is outside the output directory {directory}")
+    return child
 
 
 def _finite(value: Any) -> bool:
@@ -49,13 +74,16 @@ class TensorBoardLogger:
     Used by `Recorder(tensorboard=logdir)` while training and by `to_tensorboard` after it.
     """
 
-    def __init__(self, logdir: str | Path, optimizer_name: str = "Adam", num_groups: int | None = None) -> None:
+    def __init__(self, logdir: str | Path, optimizer_name: str = "Adam", num_groups: int | None = None,
+                 hyperparameters: Iterable[str] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: slow, and optional
 
         self.logdir = Path(logdir)
         self.writer = SummaryWriter(log_dir=str(self.logdir))
         self.optimizer_name = optimizer_name
         self.num_groups = num_groups
+        # The run's hyperparameter columns (RunStore.hyperparameter_columns); by name otherwise.
+        self.hyperparameters = frozenset(hyperparameters if hyperparameters is not None else KNOWN_HYPERPARAMETERS)
 
     def _scalar(self, tag: str, value: Any, step: int, walltime: float | None = None) -> None:
         if _finite(value):  # NaN (undefined cosine) is left out rather than drawn as a gap marker
@@ -64,7 +92,7 @@ class TensorBoardLogger:
     def _lr_tags(self, row: Mapping[str, Any], step: int, group: int | None) -> None:
         name = f"lr-{self.optimizer_name}" + (f"/pg{group + 1}" if group is not None else "")
         self._scalar(name, row.get("lr"), step)
-        self._scalar(f"{name}-momentum", row.get("beta1"), step)
+        self._scalar(f"{name}-momentum", row.get("beta1", row.get("momentum")), step)
         self._scalar(f"{name}-weight_decay", row.get("weight_decay"), step)
 
     def log_steps(self, rows: Iterable[Mapping[str, Any]], group_rows: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -75,17 +103,15 @@ class TensorBoardLogger:
             step = row["step"]
             if not several:
                 self._lr_tags(row, step, None)
-            for key in ("beta2", "eps"):
-                self._scalar(f"optimizer/{key}", row.get(key), step)
             for key, value in row.items():
-                if key not in _STEP_KEYS:
+                if key not in _STEP_KEYS and key not in _LR_TAGGED:
                     self._scalar(f"optimizer/{key}", value, step)
         if several:
             for row in group_rows:
                 g, step = int(row["grp"]), row["step"]
                 self._lr_tags(row, step, g)
                 for key, value in row.items():
-                    if key not in _STEP_KEYS:
+                    if key not in _STEP_KEYS and key not in self.hyperparameters:
                         self._scalar(f"optimizer/pg{g + 1}/{key}", value, step)
 
     def log_epoch(self, row: Mapping[str, Any], metrics: Mapping[str, float], layers: Sequence[Mapping[str, Any]] = ()) -> None:
@@ -94,7 +120,7 @@ class TensorBoardLogger:
         walltime = row.get("wall_time") if _finite(row.get("wall_time")) else None
         self._scalar("epoch", row["epoch"], step, walltime)
         for key, value in row.items():
-            if key not in _EPOCH_KEYS and key not in metrics:
+            if key not in _EPOCH_KEYS and key not in self.hyperparameters and key not in metrics:
                 self._scalar(f"epoch/{key}", value, step, walltime)
         self.log_metrics(row["epoch"], step, metrics, walltime)
         for layer in layers:
@@ -137,9 +163,10 @@ def to_tensorboard(store: RunStore | str | Path, logdir: str | Path, run: int | 
         written = []
         for info in _records(runs):
             run_id = int(info["run_id"])
-            directory = Path(logdir) / f"{run_id}-{info['name']}"
-            logger = TensorBoardLogger(directory, optimizer_name=info.get("optimizer") or "Adam",
-                                       num_groups=None if pd.isna(info.get("num_groups")) else int(info["num_groups"]))
+            directory = _inside(Path(logdir), Path(logdir) / safe_file_name(f"{run_id}-{info['name']}"))
+            logger = TensorBoardLogger(directory, optimizer_name=safe_file_name(info.get("optimizer") or "Adam"),
+                                       num_groups=None if pd.isna(info.get("num_groups")) else int(info["num_groups"]),
+                                       hyperparameters=store.hyperparameter_columns(run_id))
             try:
                 steps = store.steps(run_id).drop(columns=["run_id"])
                 group_rows = _records(store.step_groups(run_id).drop(columns=["run_id"])) if logger.num_groups and logger.num_groups > 1 else []
@@ -191,7 +218,7 @@ def _write_tables(store: RunStore | str | Path, directory: str | Path, run: int 
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, df in _frames(store, run).items():
-            paths[name] = out / f"{name}{suffix}"
+            paths[name] = _inside(out, out / f"{name}{suffix}")
             write(df, paths[name])
         return paths
     finally:
@@ -209,4 +236,4 @@ def to_parquet(store: RunStore | str | Path, directory: str | Path, run: int | s
     return _write_tables(store, directory, run, ".parquet", lambda df, path: df.to_parquet(path, index=False))
 
 
-__all__ = ["TensorBoardLogger", "to_tensorboard", "to_csv", "to_parquet"]
+__all__ = ["TensorBoardLogger", "to_tensorboard", "to_csv", "to_parquet", "safe_file_name"]
