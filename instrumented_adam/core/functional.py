@@ -56,20 +56,20 @@ def _check_hyperparameters(lr: float | Tensor, beta1: float, beta2: float, eps: 
     Only Python numbers are compared: a value check on a tensor would synchronise with the GPU
     (and break a torch.compile graph), so tensor hyperparameters are left to the op.
     """
-
-    def number(x: object) -> bool:
-        return not torch.is_tensor(x)
-
-    if number(lr) and not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if number(eps) and not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if number(beta1) and not 0.0 <= beta1 < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-    if number(beta2) and not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-    if number(weight_decay) and not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (isinstance(lr, Tensor) or isinstance(beta1, Tensor) or isinstance(beta2, Tensor)
+            or isinstance(eps, Tensor) or isinstance(weight_decay, Tensor)):  # the hot path: one test
+        if 0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and 0.0 <= weight_decay:
+            return
+    checks = (
+        (lr, lambda x: 0.0 <= x, f"Invalid learning rate: {lr}"),
+        (eps, lambda x: 0.0 <= x, f"Invalid epsilon value: {eps}"),
+        (beta1, lambda x: 0.0 <= x < 1.0, f"Invalid beta parameter at index 0: {beta1}"),
+        (beta2, lambda x: 0.0 <= x < 1.0, f"Invalid beta parameter at index 1: {beta2}"),
+        (weight_decay, lambda x: 0.0 <= x, f"Invalid weight_decay value: {weight_decay}"),
+    )
+    for value, valid, message in checks:
+        if not isinstance(value, Tensor) and not valid(value):
+            raise ValueError(message)
 
 
 def _as_real(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -100,41 +100,42 @@ def _fused(
     has_complex: bool,
 ) -> None:
     """One call of the compiled op (its C++ glue validates the tensors before mutating any)."""
+    if torch.is_grad_enabled():
+        # The op mutates its inputs and has no autograd formula: a caller outside torch.optim's
+        # no_grad step (a hook, a wrapper) must not record it.
+        with torch.no_grad():
+            return _fused(algorithm, params, grads, exp_avgs, second_moments, max_second_moments, state_steps,
+                          prev_epoch_steps, stats, stat_rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
+                          found_inf=found_inf, has_complex=has_complex)
     if has_complex:
         params, grads, exp_avgs = _as_real(params), _as_real(grads), _as_real(exp_avgs)
         second_moments, max_second_moments = _as_real(second_moments), _as_real(max_second_moments)
         prev_epoch_steps = _as_real(prev_epoch_steps)
-    lr_tensor = lr if torch.is_tensor(lr) else None
-    # The op's schema takes lists; the classes already pass lists (no copy on their hot path).
-    lists = [t if isinstance(t, list) else list(t)
-             for t in (params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps)]
-    rows = stat_rows if isinstance(stat_rows, list) else list(stat_rows)
-
-    def call() -> None:
-        adam_step(
-            *lists,
-            algorithm=int(algorithm),
-            lr=0.0 if lr_tensor is not None else float(lr),
-            lr_tensor=lr_tensor,
-            beta1=float(beta1),
-            beta2=float(beta2),
-            weight_decay=float(weight_decay),
-            eps=float(eps),
-            amsgrad=bool(amsgrad),
-            maximize=bool(maximize),
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            stats=stats,
-            stat_rows=rows,
-        )
-
-    # The op mutates its inputs and has no autograd formula: a caller outside torch.optim's
-    # no_grad step (a hook, a wrapper) must not record it.
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            call()
-    else:
-        call()
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    adam_step(
+        # The op's schema takes lists; the classes pass lists (no copy on their hot path).
+        params if isinstance(params, list) else list(params),
+        grads if isinstance(grads, list) else list(grads),
+        exp_avgs if isinstance(exp_avgs, list) else list(exp_avgs),
+        second_moments if isinstance(second_moments, list) else list(second_moments),
+        max_second_moments if isinstance(max_second_moments, list) else list(max_second_moments),
+        prev_epoch_steps if isinstance(prev_epoch_steps, list) else list(prev_epoch_steps),
+        state_steps if isinstance(state_steps, list) else list(state_steps),
+        algorithm=int(algorithm),
+        lr=0.0 if lr_tensor is not None else float(lr),
+        lr_tensor=lr_tensor,
+        beta1=float(beta1),
+        beta2=float(beta2),
+        weight_decay=float(weight_decay),
+        eps=float(eps),
+        amsgrad=bool(amsgrad),
+        maximize=bool(maximize),
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        stats=stats,
+        stat_rows=stat_rows if isinstance(stat_rows, list) else list(stat_rows),
+    )
 
 
 def _check_differentiable_inputs(
