@@ -193,6 +193,67 @@ def test_torch_optim_db_differentiable_configs(name, kwargs):
         assert torch.equal(a, b)
 
 
+def _torch_error_inputs():
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    out = []
+    for info in common.optim_db:
+        name = info.optim_cls.__name__
+        if name not in OPTIMIZERS or OPTIMIZERS[name][1] is not info.optim_cls:
+            continue
+        for k, error_input in enumerate(info.optim_error_inputs_func(device="cpu", dtype=torch.float32)):
+            out.append(pytest.param(name, error_input, id=f"{name}-{k}-{error_input.optimizer_error_input.desc}"))
+    return out
+
+
+@pytest.mark.parametrize("name,error_input", _torch_error_inputs())
+def test_torch_optim_db_error_inputs(name, error_input):
+    """torch's optim_db error inputs for Adam, AdamW, Adamax (as its test_optim.test_errors runs
+    them): our classes raise (or warn) the same way, at construction or at the step."""
+    common = pytest.importorskip("torch.testing._internal.common_optimizers")
+    cls = OPTIMIZERS[name][0]
+    optim_input = error_input.optimizer_error_input
+
+    def attempt():
+        opt = cls(optim_input.params, **optim_input.kwargs)
+        if error_input.error_on == common.OptimizerErrorEnum.STEP_ERROR:
+            opt.step()
+
+    if issubclass(error_input.error_type, Warning):
+        with pytest.warns(error_input.error_type, match=error_input.error_regex):
+            attempt()
+    else:
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            attempt()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", ["adam-amsgrad", "adamw-lr-tensor", "adamax-wd-maximize"])
+def test_differentiable_on_cuda(config, float64_default):
+    """On CUDA (the step counter on the device, unlike torch's CPU counter): the same update and
+    gradients as torch's differentiable optimizer, statistics equal to the fused kernel's."""
+    name, kwargs = CONFIGS[config]
+    ours_cls, torch_cls = OPTIMIZERS[name]
+    kw = _kwargs(kwargs)
+    if torch.is_tensor(kw.get("lr")):
+        kw["lr"] = kw["lr"].cuda()
+    outs, stats = [], []
+    for cls, differentiable in ((ours_cls, True), (torch_cls, True), (ours_cls, False)):
+        gen = torch.Generator().manual_seed(4)
+        leaf = torch.randn(1000, generator=gen).cuda().requires_grad_()
+        p = leaf.clone() if differentiable else leaf.detach().clone()
+        opt = cls([p], differentiable=differentiable, **kw)
+        g = torch.randn(1000, generator=gen).cuda()
+        p.grad = g * leaf if differentiable else g * leaf.detach()
+        opt.step()
+        outs.append((p, leaf))
+        if isinstance(opt, ia.Adam | ia.AdamW | ia.Adamax):
+            stats.append(opt.last_step_statistics().values)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=0)
+    grads = [torch.autograd.grad((p * p).sum(), leaf)[0] for p, leaf in outs[:2]]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+    _assert_rows_close(stats[1].cpu(), stats[0].cpu(), STAT_NAMES, REL, "cuda")
+
+
 def test_step_requires_grad_rejected_as_torch():
     p = torch.randn(3, dtype=torch.float64, requires_grad=True).clone()
     opt = ia.Adam([p], differentiable=True)
