@@ -197,3 +197,335 @@ def test_a_reader_process_polls_while_training_writes(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "reader":
     _reader(*sys.argv[2:5])
+
+
+# ---- schema 2: run leases, durability, positions, hyperparameters, files (issues 10 and 8) ------
+import os
+import shutil
+import signal
+import socket
+
+import pandas as pd
+
+from instrumented_adam.telemetry.store import (
+    HYPER_COLUMNS,
+    CorruptStoreError,
+    HotJournalError,
+    LeaseLostError,
+    ReadOnlyStoreError,
+    RunLeaseError,
+    StoreGapError,
+)
+
+V1_FIXTURE = Path(__file__).parent / "data" / "store_v1.sqlite"
+_STEP_COLUMNS = ("step", "epoch", "lr", "update_norm")
+
+
+def _steps(store: RunStore, run: int, steps: range) -> None:
+    store.write_steps(run, _STEP_COLUMNS, [(s, 0, 1e-3, 0.1 * s) for s in steps])
+
+
+def _count(path: Path, table: str = "steps") -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_second_writer_gets_an_error_naming_the_holder(tmp_path):
+    """Issue 10 item 1. Reproduction on the landed code: a requeued job resuming a run another job
+    still writes truncated that job's rows, then died of a raw IntegrityError inside opt.step(),
+    and the first job finished into a run mixing both jobs' rows."""
+    path = tmp_path / "lease.sqlite"
+    first = RunStore(path, create=True)
+    run = first.create_run("r")  # create_run takes the lease
+    _steps(first, run, range(1, 6))
+    second = RunStore(path)
+    for write in (
+        lambda: second.truncate_run(run, step=2, epoch=0),
+        lambda: _steps(second, run, range(6, 8)),
+        lambda: second.acquire_lease(run),
+        lambda: second.acquire_lease(run, takeover=True),  # not expired: takeover is refused too
+    ):
+        with pytest.raises(RunLeaseError, match=rf"held by writer [0-9a-f]{{32}} \(host {socket.gethostname()}, pid {os.getpid()}.*last heartbeat.*takeover=True"):
+            write()
+    assert second.steps(run)["step"].tolist() == [1, 2, 3, 4, 5]  # nothing truncated, nothing added
+    lease = second.lease(run)
+    assert lease["pid"] == os.getpid() and not lease["expired"]
+    first.release_lease(run)
+    first.release_lease(run)  # idempotent
+    second.acquire_lease(run)
+    _steps(second, run, range(6, 7))
+    with pytest.raises(RunLeaseError, match="held by writer"):  # released: it is the other's now
+        _steps(first, run, range(7, 8))
+    first.close()
+    second.close()
+    assert RunStore(path).lease(run) is None  # close released it
+
+
+def test_takeover_after_expiry_fences_the_old_writer_out(tmp_path):
+    path = tmp_path / "fence.sqlite"
+    old = RunStore(path, create=True)
+    run = old.create_run("r", expire_after=0.2)
+    _steps(old, run, range(1, 4))
+    # the holder looks like a job on another node: its liveness cannot be judged from here
+    old.conn.execute("UPDATE leases SET host='node-17'")
+    new = RunStore(path)
+    with pytest.raises(RunLeaseError, match="node-17"):
+        new.acquire_lease(run)
+    time.sleep(0.3)
+    with pytest.raises(RunLeaseError, match="expired.*takeover=True"):
+        new.acquire_lease(run)
+    writer = new.acquire_lease(run, takeover=True)
+    assert new.lease(run)["writer"] == writer
+    before = {t: _count(path, t) for t in ("steps", "epochs", "metrics", "checkpoints")}
+    fenced = (
+        lambda: _steps(old, run, range(4, 6)),
+        lambda: old.write_epoch(run, {"epoch": 0, "step": 3, "num_steps": 3, "recorded_steps": 3}, metrics={"loss": 1.0}),
+        lambda: old.write_metrics(run, 0, {"late": 1.0}),
+        lambda: old.record_checkpoint(run, 3, 1, tmp_path / "c.pt"),
+        lambda: old.truncate_run(run, step=0, epoch=0),
+        lambda: old.set_status(run, "finished"),
+    )
+    for write in fenced:
+        with pytest.raises(LeaseLostError, match=f"held by writer {writer}"):
+            write()
+    assert {t: _count(path, t) for t in before} == before  # the fenced writer wrote nothing
+    assert new.runs()["status"].tolist() == ["running"]
+    _steps(new, run, range(4, 5))
+    assert new.steps(run)["step"].tolist() == [1, 2, 3, 4]
+
+
+def test_the_lease_of_a_killed_writer_on_this_host_is_free(tmp_path):
+    """A job killed with SIGKILL leaves its lease behind; a resume on the same host takes it
+    without takeover (its process is gone), as kill-and-resume always did."""
+    path = tmp_path / "killed.sqlite"
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[2]);"
+        "from instrumented_adam.telemetry.store import RunStore;"
+        "s = RunStore(sys.argv[1], create=True); r = s.create_run('k');"
+        "s.write_steps(r, ('step', 'epoch'), [(1, 0)]); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent.parent)])
+    assert proc.returncode == -signal.SIGKILL
+    with RunStore(path) as store:
+        assert store.lease("k")["pid"] not in (None, os.getpid())  # left behind by the killed job
+        store.truncate_run(store.run_id("k"), step=0, epoch=0)  # takes the free lease
+        assert store.lease("k")["pid"] == os.getpid()
+
+
+def test_sync_makes_the_database_file_alone_hold_every_commit(tmp_path):
+    """Issue 10 item 2: under synchronous=NORMAL the last commits live only in the -wal until a
+    checkpoint; a power cut (or a copy of the .sqlite file alone) loses them. After sync() the
+    database file holds them."""
+    path = tmp_path / "durable.sqlite"
+    store = RunStore(path, create=True)
+    run = store.create_run("d")
+    _steps(store, run, range(1, 51))
+    shutil.copy(path, tmp_path / "before.sqlite")
+    counters = store.sync()
+    assert counters["busy"] == 0 and counters["checkpointed_frames"] == counters["wal_frames"]
+    shutil.copy(path, tmp_path / "after.sqlite")  # the database file only, no -wal
+    assert _count(tmp_path / "after.sqlite") == 50
+    assert _count(tmp_path / "before.sqlite") < 50
+    assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # back to NORMAL
+    store.close()
+
+
+def test_verify_position_refuses_a_store_that_lacks_rows_the_checkpoint_expects(tmp_path):
+    """Issue 10 item 2. Reproduction on the landed code: resuming against an older copy of the
+    store (or one that lost its last transactions) was accepted and left a permanent gap."""
+    path = tmp_path / "pos.sqlite"
+    store = RunStore(path, create=True)
+    run = store.create_run("p")
+    _steps(store, run, range(1, 5))
+    store.write_epoch(run, {"epoch": 0, "step": 4, "num_steps": 4, "recorded_steps": 4}, metrics={"val_loss": 1.0})
+    store.sync()
+    shutil.copy(path, tmp_path / "old-copy.sqlite")
+    _steps(store, run, range(5, 9))
+    store.write_epoch(run, {"epoch": 1, "step": 8, "num_steps": 4, "recorded_steps": 4}, metrics={"val_loss": 0.5})
+    position = store.position(run)
+    assert json.loads(json.dumps(position)) == position  # JSON-able, as a checkpoint stores it
+    assert position["last_step"] == 8 and position["last_epoch"] == 1
+    assert position["rows"] == {"steps": 8, "step_groups": 0, "epochs": 2, "layer_epochs": 0, "metrics": 2}
+    store.verify_position(run, position)
+    _steps(store, run, range(9, 11))  # rows beyond the position (a resume deletes them) do not matter
+    store.verify_position(run, position)
+    store.close()
+    with RunStore(tmp_path / "old-copy.sqlite") as old:
+        with pytest.raises(StoreGapError, match=r"lacks 4 steps rows, 1 epochs rows, 1 metrics rows.*expects steps up to 8.*holds steps up to 4.*allow_gap=True"):
+            old.verify_position(run, position)
+        with pytest.raises(StoreGapError, match="--accept-gap"):
+            old.verify_position(run, position, option="--accept-gap")
+        assert old.gaps(run).empty
+        old.mark_gap(run, from_step=5, to_step=8, from_epoch=1, to_epoch=1, reason="store older than the checkpoint")
+        gaps = old.gaps(run)
+        assert gaps[["from_step", "to_step", "from_epoch", "to_epoch"]].values.tolist() == [[5, 8, 1, 1]]
+        assert gaps["reason"].tolist() == ["store older than the checkpoint"]
+        old.truncate_run(run, step=2, epoch=0)  # a resume before the gap re-records it: the mark goes
+        assert old.gaps(run).empty
+
+
+def test_a_changed_row_set_is_a_gap_even_with_equal_counts(tmp_path):
+    store = RunStore(tmp_path / "same.sqlite", create=True)
+    run = store.create_run("s")
+    _steps(store, run, range(1, 4))
+    position = store.position(run)
+    store.truncate_run(run, step=1, epoch=0)
+    _steps(store, run, range(3, 5))  # 3 rows again, but steps 1, 3, 4 where the checkpoint saw 1, 2, 3
+    with pytest.raises(StoreGapError, match="lacks"):
+        store.verify_position(run, position)
+
+
+def test_hyperparameter_columns_are_not_adams_alone(tmp_path):
+    """Issue 8: the landed schema had Adam's five columns only; an SGD run's momentum and
+    dampening had nowhere to go (write_steps raised 'no column named momentum')."""
+    with RunStore(tmp_path / "h.sqlite", create=True) as store:
+        sgd = store.create_run("sgd", optimizer="SGD")
+        store.write_steps(sgd, ("step", "epoch", "lr", "momentum", "dampening", "nesterov", "update_norm"),
+                          [(1, 0, 0.1, 0.9, 0.0, 1, 0.5), (2, 0, 0.1, 0.9, 0.0, 1, 0.4)])
+        adam = store.create_run("adam", hyperparameter_columns=("lr", "weight_decay", "beta1", "beta2", "eps"))
+        store.write_steps(adam, ("step", "epoch", "lr", "weight_decay", "beta1", "beta2", "eps", "update_norm"),
+                          [(1, 0, 1e-3, 0.0, 0.9, 0.999, 1e-8, 0.01)])
+        rms = store.create_run("rms")
+        store.write_epoch(rms, {"epoch": 0, "step": 3, "num_steps": 3, "recorded_steps": 3, "lr": 1e-2, "alpha": 0.99,
+                                "centered": 0, "skipped_steps": 1}, hyperparameters=("lr", "alpha", "centered"))
+        assert store.hyperparameter_columns("sgd") == ("lr", "momentum", "dampening", "nesterov")
+        assert store.hyperparameter_columns("adam") == ("lr", "weight_decay", "beta1", "beta2", "eps")
+        assert store.hyperparameter_columns("rms") == ("lr", "alpha", "centered")
+        steps = store.steps("sgd")
+        assert list(steps.columns[:8]) == ["run_id", "step", "epoch", "lr", "weight_decay", "beta1", "beta2", "eps"]
+        assert steps["momentum"].tolist() == [0.9, 0.9] and steps["beta1"].isna().all()
+        assert store.step_groups("sgd")["momentum"].tolist() == [0.9, 0.9]
+        assert store.epochs("rms")["skipped_steps"].tolist() == [1]
+        assert store.runs().set_index("name").loc["sgd", "hyperparameter_columns"] == ["lr", "momentum", "dampening", "nesterov"]
+
+
+def test_skipped_steps_and_divergence_are_recorded(tmp_path):
+    with RunStore(tmp_path / "skip.sqlite", create=True) as store:
+        run = store.create_run("amp")
+        store.write_steps(run, ("step", "epoch", "lr", "skipped", "grad_scale", "nonfinite_grads"),
+                          [(1, 0, 1e-3, 0, 65536.0, 0), (2, 0, 1e-3, 1, 65536.0, 12), (3, 0, 1e-3, 0, 32768.0, 0)])
+        steps = store.steps(run)
+        assert steps["skipped"].tolist() == [0, 1, 0] and steps["grad_scale"].tolist() == [65536.0, 65536.0, 32768.0]
+        store.set_status(run, "diverged", detail="step 7 (epoch 0): loss and 3 gradients non-finite")
+        info = store.run_info(run)
+        assert info["status"] == "diverged" and info["status_detail"].startswith("step 7")
+        assert info["finished_at"] is not None
+        store.set_status(run, "finished")
+        assert store.run_info(run)["status_detail"] is None
+
+
+def _frames_v1(store: RunStore) -> dict[str, pd.DataFrame]:
+    return {t: getattr(store, t)() for t in ("steps", "step_groups", "epochs", "layers", "metrics", "checkpoints")}
+
+
+def test_a_version_1_store_reads_the_same_and_migrates_on_the_first_write(tmp_path):
+    """Issue 8: a store written by the landed code (schema 1: tests/data/store_v1.sqlite, built
+    by tests/data/make_store_v1.py from the landed store code) opens and reads the same with
+    this code; a read never migrates it; the first write does, in one transaction."""
+    path = tmp_path / "v1.sqlite"
+    shutil.copy(V1_FIXTURE, path)
+    original = path.read_bytes()
+    with RunStore(path, readonly=True) as ro:
+        assert ro.schema_version == 1
+        before = _frames_v1(ro)
+        runs_before = ro.runs()
+        assert ro.hyperparameter_columns("base") == HYPER_COLUMNS and ro.gaps().empty and ro.lease("base") is None
+    with RunStore(path) as reader:  # a writable open that only reads does not migrate either
+        assert reader.schema_version == 1 and reader.steps("base")["step"].tolist() == list(range(1, 13))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+    steps = before["steps"][before["steps"]["run_id"] == 1]
+    assert steps["update_norm"].tolist() == pytest.approx([0.1 / s for s in range(1, 13)], rel=1e-15)
+    assert list(steps.columns[:8]) == ["run_id", "step", "epoch", *["lr", "weight_decay", "beta1", "beta2", "eps"]][:8]
+    assert len(before["step_groups"]) == 24 + 1 and before["epochs"]["cos_prev"].isna().tolist() == [True, False, False]
+    assert before["epochs"]["val_loss"].tolist() == pytest.approx([1.5, 0.75, 0.5])
+    assert runs_before["status"].tolist() == ["finished", "failed"] and runs_before["status_detail"].isna().all()
+    assert runs_before["hyperparameters"][0] == {"lr": 1e-3, "betas": [0.9, 0.999]}
+
+    with RunStore(path) as store:
+        store.set_status("branch", "diverged", detail="step 9: non-finite update")  # the first write
+        assert store.schema_version == 2
+        after = _frames_v1(store)
+        for table, frame in before.items():  # every old column reads the same; new ones are NULL
+            pd.testing.assert_frame_equal(after[table][list(frame.columns)], frame, check_exact=True, obj=table)
+        assert after["steps"]["skipped"].isna().all() and after["epochs"]["skipped_steps"].isna().all()
+        assert store.hyperparameter_columns("base") == HYPER_COLUMNS
+        assert store.run_info("branch")["status"] == "diverged"
+        assert store.integrity_check() == "ok"
+        run = store.acquire_lease("base")
+        assert isinstance(run, str)
+        store.write_steps(1, ("step", "epoch", "lr", "momentum"), [(13, 3, 1e-3, 0.5)])
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+    assert V1_FIXTURE.read_bytes() != path.read_bytes() and original == V1_FIXTURE.read_bytes()
+
+
+def _tmpfs(path: Path, size: str = "8m") -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    """A small tmpfs that the test may remount read-only (needs mount rights: root in a container)."""
+    point = tmp_path / "mnt"
+    if not _tmpfs(point):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_store_in_a_read_only_directory_opens_readonly(mount_point):
+    """Issue 10 item 6. Reproduction on the landed code: RunStore(path, readonly=True) in a
+    read-only directory failed ('unable to open database file': WAL needs its -shm)."""
+    path = mount_point / "archive.sqlite"
+    with RunStore(path, create=True) as store:
+        run = store.create_run("a")
+        _steps(store, run, range(1, 4))
+    assert subprocess.run(["mount", "-o", "remount,ro", str(mount_point)]).returncode == 0
+    with RunStore(path, readonly=True) as ro:
+        assert ro.immutable and ro.steps("a")["step"].tolist() == [1, 2, 3]
+    with pytest.raises(ReadOnlyStoreError, match="read-only directory.*readonly=True"):
+        RunStore(path)
+
+
+def test_truncated_store_and_hot_journal_get_their_own_messages(tmp_path):
+    """Issue 10 item 6: on the landed code a truncated store, a hot journal and a read-only
+    directory all failed with one message (or a raw sqlite3 error)."""
+    path = tmp_path / "t.sqlite"
+    with RunStore(path, create=True) as store:
+        _steps(store, store.create_run("t"), range(1, 400))
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    for kwargs in ({}, {"readonly": True}):
+        with pytest.raises(CorruptStoreError, match=rf"truncated: its header says \d+ pages of 4096 bytes .*the file has {size // 2}"):
+            RunStore(path, **kwargs).steps("t")
+    with open(path, "r+b") as f:
+        f.truncate(60)
+    with pytest.raises(CorruptStoreError, match="truncated: 60 bytes"):
+        RunStore(path)
+
+    hot = tmp_path / "hot.sqlite"
+    with RunStore(hot, create=True) as store:
+        store.create_run("h")
+    code = (  # a rollback-journal writer killed mid-transaction, after it spilled pages to the file
+        "import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "c.execute('PRAGMA journal_mode=DELETE'); c.execute('PRAGMA cache_size=1'); c.execute('BEGIN');"
+        "c.execute('CREATE TABLE filler(x)');"
+        "c.execute('INSERT INTO filler SELECT randomblob(3000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<300) SELECT i FROM n)');"
+        "os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(hot)], check=True)
+    assert Path(f"{hot}-journal").exists()
+    with pytest.raises(HotJournalError, match="hot journal.*readonly=False"):
+        RunStore(hot, readonly=True)
+    with RunStore(hot) as store:  # a writable open rolls the interrupted transaction back
+        assert store.runs()["name"].tolist() == ["h"] and "filler" not in [
+            r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")]

@@ -760,8 +760,8 @@ class RunStore:
             return
         holder = self._lease_row(conn, run_id)
         if holder is None or holder["writer"] != mine:
-            self._leases.pop(run_id, None)
-            _LIVE_WRITERS.pop(mine, None)
+            # The writer id stays: every later write of this object keeps failing the same way
+            # (until an explicit acquire_lease), rather than quietly re-taking a free lease.
             taken = f"; {self._describe_holder(run_id, holder)}" if holder is not None else "; the lease was released"
             raise LeaseLostError(
                 f"this writer ({mine}) lost its lease on run {run_id} of {self.path}{taken}. Another process took "
