@@ -95,3 +95,33 @@ def test_flat_files_equal_the_store(store_path, tmp_path, fmt):
     assert json.loads(runs["hyperparameters"][1])["lr"] == 1e-3
     one = read((to_csv if fmt == "csv" else to_parquet)(store_path, tmp_path / f"{fmt}-one", run="two")["steps"])
     assert set(one["run_id"]) == {2}
+
+
+def test_export_never_writes_outside_the_output_directory(tmp_path):
+    """Issue 10 item 6. Reproduction on the landed code: a run named 'a/../../x' exported to
+    TensorBoard wrote its event files two levels above --out."""
+    path = tmp_path / "names.sqlite"
+    with RunStore(path, create=True) as store:
+        for name in ("a/../../x", "../up", "..", "/abs/path", "ok name"):
+            run = store.create_run(name)
+            store.write_steps(run, ("step", "epoch", "lr", "update_norm"), [(1, 0, 1e-3, 0.5)])
+    out = tmp_path / "deep" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    dirs = to_tensorboard(path, out)
+    assert [d.name for d in dirs] == ["1-a_.._.._x", "2-.._up", "3-..", "4-_abs_path", "5-ok_name"]
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(out in p.parents or p == out or p in out.parents for p in created)
+    assert all(d.parent == out for d in dirs)
+    assert [v for _, v in _scalars(dirs[0])["optimizer/update_norm"]] == [0.5]
+
+
+def test_tensorboard_tags_follow_the_runs_own_hyperparameters(tmp_path):
+    """Issue 8: an SGD run's momentum is Lightning's lr-SGD-momentum and dampening its own tag;
+    nothing depends on Adam's column list."""
+    path = tmp_path / "sgd.sqlite"
+    with RunStore(path, create=True) as store:
+        run = store.create_run("sgd", optimizer="SGD", num_groups=1)
+        store.write_steps(run, ("step", "epoch", "lr", "momentum", "dampening", "update_norm"), [(1, 0, 0.1, 0.9, 0.1, 0.5)])
+    tags = _scalars(to_tensorboard(path, tmp_path / "tb")[0])
+    assert tags["lr-SGD"] == [(1, pytest.approx(0.1))] and tags["lr-SGD-momentum"] == [(1, pytest.approx(0.9))]
+    assert tags["optimizer/dampening"] == [(1, pytest.approx(0.1))] and "optimizer/momentum" not in tags
