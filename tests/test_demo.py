@@ -95,3 +95,24 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert status == 0 and "4 earlier run(s) kept" in out
     page = report.read_text()
     assert "5:linreg-adamw" in page and "1:linreg-adam<" not in page
+
+
+def test_demo_command_runs_the_vertex_finding_task(tmp_path, capsys, monkeypatch):
+    from instrumented_adam.demo.tasks import PVFinderTask
+
+    # The registered task at a tenth of its size (the same code path, seconds instead of minutes).
+    small = PVFinderTask(n_train=64, n_val=32, n_bins=400, widths=(4, 4), progress=False)
+    monkeypatch.setitem(TASKS, "pvfinder", small)
+    status = cli.main(["demo", "--task", "pvfinder", "--optimizer", "adam", "--epochs", "2", "--out",
+                       str(tmp_path / "out"), "--no-progress", "--no-report"])
+    out = capsys.readouterr().out
+    assert status == 0 and "== pvfinder-adam:" in out
+    store = RunStore(tmp_path / "out" / "demo.sqlite")
+    epochs = store.epochs(store.runs()["run_id"].iloc[0])
+    assert len(epochs) == 2 and {"val_efficiency", "val_false_positives"} <= set(epochs.columns)
+
+
+def test_demo_all_means_the_fast_tasks():
+    from instrumented_adam.demo.tasks import DEFAULT_DEMO_TASKS
+
+    assert DEFAULT_DEMO_TASKS == ("linreg", "digits") and {"pvfinder", "pvfinder-unet"} <= set(TASKS)

@@ -82,7 +82,7 @@ class GeneratorConfig:
     multiplicity_mean: float = 16.0
     multiplicity_k: float = 1.0
     eta_range: tuple[float, float] = (2.0, 5.0)
-    #: Transverse momentum ~ Gamma(shape, scale): mean 0.6 GeV, the soft spectrum of minimum bias.
+    #: Transverse momentum pt_min + Gamma(shape, scale): mean 0.7 GeV, the soft spectrum of minimum bias.
     pt_shape: float = 2.0
     pt_scale: float = 0.3
     pt_min: float = 0.1
