@@ -107,22 +107,24 @@ def statistics(
     gradient as stored in p.grad (before maximize and weight decay), m_t, the moment in the
     denominator and the effective step size per element (`effective_lr`); s_{k−1} when tracked.
     """
-    g64, m64 = grad.double(), exp_avg.double()
-    delta64 = (theta_after - theta_before).double()
+    def f64(t: Tensor) -> Tensor:  # one float64 vector (dot products take 1-D operands)
+        return t.reshape(-1).double()
+
+    g, m, theta, eff = f64(grad), f64(exp_avg), f64(theta_after), f64(eff_lr)
+    delta = f64(theta_after - theta_before)
     zero = torch.zeros((), dtype=torch.float64, device=theta_after.device)
-    eff64 = eff_lr.double()
     stats = {
-        "grad_sumsq": (g64 * g64).sum(),
-        "exp_avg_sumsq": (m64 * m64).sum(),
-        "second_moment_sum": moment.double().sum(),
-        "update_sumsq": (delta64 * delta64).sum(),
-        "param_sumsq": (theta_after.double() ** 2).sum(),
-        "update_dot_grad": (delta64 * g64).sum(),
-        "exp_avg_dot_grad": (m64 * g64).sum(),
-        "update_dot_prev_epoch": (delta64 * prev_epoch_step.double()).sum() if prev_epoch_step is not None else zero,
+        "grad_sumsq": torch.dot(g, g),
+        "exp_avg_sumsq": torch.dot(m, m),
+        "second_moment_sum": f64(moment).sum(),
+        "update_sumsq": torch.dot(delta, delta),
+        "param_sumsq": torch.dot(theta, theta),
+        "update_dot_grad": torch.dot(delta, g),
+        "exp_avg_dot_grad": torch.dot(m, g),
+        "update_dot_prev_epoch": torch.dot(delta, f64(prev_epoch_step)) if prev_epoch_step is not None else zero,
         "nonfinite_grads": (~torch.isfinite(grad)).sum().double(),
-        "eff_lr_sum": eff64.sum(),
-        "eff_lr_max": eff64.max() if eff64.numel() else zero,
+        "eff_lr_sum": eff.sum(),
+        "eff_lr_max": eff.max() if eff.numel() else zero,
     }
     if tuple(stats) != STAT_NAMES:
         raise AssertionError("the reference must follow the one statistics table")
