@@ -304,6 +304,8 @@ def test_smoke_training_records_the_physics_metrics(tmp_path, architecture):
     assert epochs["val_visible"].iloc[0] == data.val_truth.visible.sum() > 100
     info = store.run_info(result.run_id)["hyperparameters"]
     assert info["task"] == task.name and info["pvfinder"]["n_bins"] == 400
+    panel = info["epoch_metric_panels"][0]
+    assert set(panel["metrics"]) == {"val_efficiency", "val_false_positives"} <= set(epochs.columns)
     assert task.data(0) is data  # cached: a second optimizer does not regenerate the events
 
 

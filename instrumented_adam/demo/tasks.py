@@ -106,6 +106,10 @@ class TrainConfig:
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
+#: Key of the run hyperparameters under which a task lists epoch metrics to draw together:
+#: ``[{"title": str, "metrics": {metric column: axis label}}]``.
+EPOCH_METRIC_PANELS_KEY = "epoch_metric_panels"
+
 
 class Task:
     """A demo task: data, model, loss and evaluation, with defaults per optimizer."""
@@ -402,7 +406,12 @@ class PVFinderTask(Task):
             "n_train": self.n_train, "n_val": self.n_val, "n_bins": self.n_bins, "asymmetry": self.asymmetry,
             "generator": asdict(self.generator), "target": asdict(self.target), "peaks": asdict(self.peaks),
             "parameters": sum(p.numel() for p in model.parameters()),
-        }}
+        }, EPOCH_METRIC_PANELS_KEY: [{
+            # A hint for the report: these epoch metrics belong on one figure, the physics
+            # outcome next to the optimizer's figures.
+            "title": "Vertex finding (validation events)",
+            "metrics": {"val_efficiency": "efficiency", "val_false_positives": "false positives / event"},
+        }]}
 
 
 @dataclass(frozen=True)
@@ -521,6 +530,7 @@ __all__ = [
     "PVFinderTask",
     "PVData",
     "DEFAULT_DEMO_TASKS",
+    "EPOCH_METRIC_PANELS_KEY",
     "RunResult",
     "make_optimizer",
     "train_task",
