@@ -456,3 +456,28 @@ def test_state_dict_round_trip():
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
         if isinstance(resumed, ia.Adam):
             assert resumed.last_step_statistics().step == 5
+
+
+def test_recorder_rows_of_a_differentiable_optimizer(tmp_path):
+    """The recorder needs nothing special: its step and epoch rows carry the differentiable
+    step's figures (the same as last_step_statistics / end_epoch give)."""
+    from instrumented_adam.telemetry.recorder import Recorder
+    from instrumented_adam.telemetry.store import RunStore
+
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(12, generator=gen).requires_grad_().clone(), torch.randn(3, 5, generator=gen)]
+    opt = ia.AdamW(params, lr=1e-2, weight_decay=0.1, differentiable=True)
+    rec = Recorder(opt, tmp_path / "d.sqlite", run_name="d", flush_every=3)
+    expected = []
+    for epoch in range(2):
+        for _ in range(4):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen)
+            opt.step()
+            expected.append(float(opt.last_step_statistics().derived()["update_norm"][0]))
+        rec.end_epoch()
+    rec.close()
+    steps = RunStore(tmp_path / "d.sqlite").steps("d")
+    assert steps["step"].tolist() == list(range(1, 9))
+    assert steps["update_norm"].tolist() == pytest.approx(expected, rel=1e-12)
+    assert params[0].grad_fn is not None
