@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = int(args.numel)
-    op = torch.ops.instrumented_adam.fused_step.default
+    op = torch.ops.instrumented_adam.adam_step.default
 
     def fresh():
         return [torch.randn(n)], [torch.zeros(n)], [torch.zeros(n)], [torch.zeros((), dtype=torch.float32)]

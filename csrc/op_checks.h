@@ -1,4 +1,4 @@
-// Argument checks of instrumented_adam::fused_step shared by the CPU and CUDA glue: the op's
+// Argument checks of instrumented_adam::adam_step shared by the CPU and CUDA glue: the op's
 // contract (csrc/ops.cpp) is validated in one place, before anything is mutated, with the same
 // messages on every device. Device-specific checks (scalar tensors, step dtypes) stay in the glue.
 #pragma once

@@ -14,7 +14,7 @@ TORCH_LIBRARY(instrumented_adam, m) {
   //   stats: [rows, num_stats] float64, zeroed and filled; stat_rows maps parameter i to a row
   //          (empty: row i). Rows of parameters not in this call stay zero.
   m.def(
-      "fused_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] second_moments, Tensor(e!)[] max_second_moments, Tensor[] prev_epoch_steps, "
       "Tensor(f!)[] state_steps, *, int algorithm, float lr, Tensor? lr_tensor, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "

@@ -41,7 +41,7 @@ from conftest import assert_same_state
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = "cuda"
-op = torch.ops.instrumented_adam.fused_step
+op = torch.ops.instrumented_adam.adam_step
 
 # Chunk of one thread block (csrc/cuda/adam_cuda.h, kChunk); sizes below straddle it.
 CHUNK = 32768
@@ -53,7 +53,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def test_cuda_kernel_is_registered():
     """A CUDA machine must have the CUDA kernel: a build without it fails here, not by skipping."""
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("instrumented_adam::fused_step", "CUDA"), (
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("instrumented_adam::adam_step", "CUDA"), (
         "instrumented_adam was built without its CUDA kernel: rebuild with `python setup.py build_ext "
         "--inplace` on this machine (docs/cuda.md)"
     )

@@ -1,4 +1,4 @@
-// CPU implementation of instrumented_adam::fused_step: argument checks, per-tensor step scalars,
+// CPU implementation of instrumented_adam::adam_step: argument checks, per-tensor step scalars,
 // the (tensor, chunk) work list, the parallel loop and the deterministic reduction of the
 // per-chunk statistics. The arithmetic itself is in adam_kernel_isa.cpp / adam_math.h.
 #include <ATen/Parallel.h>
@@ -72,7 +72,7 @@ ProcessItems select_isa() {
   return chosen;
 }
 
-void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList second_moments, at::TensorList max_second_moments,
                     at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
@@ -182,7 +182,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instrumented_adam, CPU, m) {
-  m.impl("fused_step", &fused_step_cpu);
+  m.impl("adam_step", &adam_step_cpu);
 }
 
 }  // namespace instrumented_adam::cpu

@@ -1,4 +1,4 @@
-// CUDA implementation of instrumented_adam::fused_step: argument checks (those of the CPU glue,
+// CUDA implementation of instrumented_adam::adam_step: argument checks (those of the CPU glue,
 // cpu/adam_cpu.cpp, for device tensors), the plain-data description of the call, the partials
 // scratch buffer, and the launch on the current stream (adam_launch.cu / adam_kernel.cuh).
 //
@@ -39,7 +39,7 @@ int64_t env_limit(const char* name) {
   return value == nullptr ? 0 : std::max<int64_t>(0, std::atoll(value));
 }
 
-void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList second_moments, at::TensorList max_second_moments,
                      at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
@@ -134,13 +134,13 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   limits.max_tensors = static_cast<int>(std::min<int64_t>(env_limit("IA_CUDA_MAX_TENSORS_PER_LAUNCH"), 1 << 30));
   limits.max_blocks = env_limit("IA_CUDA_MAX_BLOCKS_PER_LAUNCH");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  C10_CUDA_CHECK(launch_fused_step(args, tensors.data(), n, limits, stream));
+  C10_CUDA_CHECK(launch_adam_step(args, tensors.data(), n, limits, stream));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instrumented_adam, CUDA, m) {
-  m.impl("fused_step", &fused_step_cuda);
+  m.impl("adam_step", &adam_step_cuda);
 }
 
 }  // namespace instrumented_adam::cuda

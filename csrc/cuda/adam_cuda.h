@@ -82,7 +82,7 @@ struct LaunchLimits {
 // Enqueues the whole step on `stream`: the update launches, then the launches that reduce the
 // statistics and advance the step counters. Never synchronises, never allocates, never copies to or
 // from the host. Returns the first launch error (cudaSuccess when all launched).
-cudaError_t launch_fused_step(const CallArgs& args, const HostTensor* tensors, int64_t n, LaunchLimits limits,
+cudaError_t launch_adam_step(const CallArgs& args, const HostTensor* tensors, int64_t n, LaunchLimits limits,
                               cudaStream_t stream);
 
 }  // namespace instrumented_adam::cuda

@@ -1,4 +1,4 @@
-// The CUDA update kernel of instrumented_adam::fused_step and what it shares with the second stage.
+// The CUDA update kernel of instrumented_adam::adam_step and what it shares with the second stage.
 // The templates are instantiated once per storage type in adam_kernel_<type>.cu (the compiles run
 // in parallel); adam_launch.cu holds the second stage and the host side of the step.
 // Raw pointers and CUDA runtime only (no torch headers): the glue is adam_cuda.cpp. Design notes,

@@ -1,4 +1,4 @@
-// The second stage of instrumented_adam::fused_step on CUDA and the host side of the whole step:
+// The second stage of instrumented_adam::adam_step on CUDA and the host side of the whole step:
 // the (tensor, chunk) work list, split into launches, and the launches themselves (the update
 // kernel is in adam_kernel.cuh). No torch headers; the glue is adam_cuda.cpp.
 #include <algorithm>
@@ -61,7 +61,7 @@ void dispatch_update(DType dtype, Algorithm algo, bool amsgrad, Stats mode, cons
 
 using namespace detail;
 
-cudaError_t launch_fused_step(const CallArgs& a, const HostTensor* tensors, int64_t n, LaunchLimits limits,
+cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64_t n, LaunchLimits limits,
                               cudaStream_t stream) {
   const bool stats = a.stats != nullptr;
   const bool amsgrad = a.amsgrad && a.algorithm != Algorithm::kAdamax;

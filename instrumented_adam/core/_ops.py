@@ -1,43 +1,111 @@
-"""The compiled ops (csrc/ops.cpp holds their schemas) and their fake kernels for torch.compile."""
+"""The compiled ops (csrc/ops.cpp holds their schemas) and their fake kernels for torch.compile.
+
+One op per optimizer family: `adam_step` (Adam, AdamW, Adamax; the family of csrc/stats_table.h's
+kFamilyAdam and kFamilyAdamax), plus the family-independent epoch ops. The fake kernels check what
+the real kernels check about shapes, dtypes and list lengths (with `torch._check`, so that a traced
+call fails the same way an eager one does) and allocate nothing: every op mutates its arguments.
+"""
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Sequence
 
 import torch
+from torch import Tensor
 
-from .table import NUM_STATS, STAT_INDEX, STAT_NAMES  # noqa: F401  (re-exported; loads the library)
+from .table import EPOCH_COLUMNS, NUM_STATS, STAT_INDEX, STAT_NAMES  # noqa: F401  (re-exported; loads the library)
 
 
 class Algorithm(IntEnum):
-    """The `algorithm` argument of the fused step (csrc/adam_math.h keeps the same values)."""
+    """The `algorithm` argument of `adam_step` (csrc/adam_math.h keeps the same values)."""
 
     ADAM = 0
     ADAMW = 1
     ADAMAX = 2
 
 
-#: The Adam family's step (Adam, AdamW, Adamax): the Python layer calls it by this name.
-adam_step = torch.ops.instrumented_adam.fused_step
+#: The Adam family's step (Adam, AdamW, Adamax).
+adam_step = torch.ops.instrumented_adam.adam_step
 epoch_geometry = torch.ops.instrumented_adam.epoch_geometry
 sum_of_squares = torch.ops.instrumented_adam.sum_of_squares
 
+#: Columns of epoch_geometry's output: the epoch statistics, then ‖s as stored‖².
+EPOCH_GEOMETRY_COLUMNS = len(EPOCH_COLUMNS) + 1
 
-@torch.library.register_fake("instrumented_adam::fused_step")
-def _fused_step_fake(
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_companions(params: Sequence[Tensor], others: Sequence[Tensor], what: str) -> None:
+    """Each tensor of `others` goes with the parameter at its position: same shape and dtype."""
+    for i, (p, t) in enumerate(zip(params, others)):
+        torch._check(t.shape == p.shape, lambda: f"instrumented_adam: {what}[{i}] has shape {tuple(t.shape)} "
+                                                 f"but its parameter has shape {tuple(p.shape)}")
+        torch._check(t.dtype == p.dtype, lambda: f"instrumented_adam: {what}[{i}] has dtype {t.dtype} "
+                                                 f"but its parameter has dtype {p.dtype}")
+
+
+@torch.library.register_fake("instrumented_adam::adam_step")
+def _adam_step_fake(
     params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps, *,
     algorithm, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf,
     stats, stat_rows,
 ) -> None:
-    # The op only mutates its arguments in place: nothing to allocate.
+    n = len(params)
+    torch._check(algorithm in (0, 1, 2), lambda: f"instrumented_adam: unknown algorithm {algorithm}")
+    torch._check(
+        len(grads) == n and len(exp_avgs) == n and len(second_moments) == n and len(state_steps) == n,
+        lambda: "instrumented_adam: params, grads, exp_avgs, second moments and steps must have the same length",
+    )
+    uses_max = amsgrad and algorithm != Algorithm.ADAMAX
+    torch._check(not uses_max or len(max_second_moments) == n,
+                 lambda: "instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter")
+    torch._check(len(prev_epoch_steps) in (0, n),
+                 lambda: "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter")
+    torch._check(len(stat_rows) in (0, n),
+                 lambda: "instrumented_adam: stat_rows must be empty or have one row per parameter")
+    for i, p in enumerate(params):
+        torch._check(p.dtype in _KERNEL_DTYPES, lambda: "instrumented_adam: parameters must be float32, float64, "
+                                                        f"bfloat16 or float16, got {p.dtype}")
+        torch._check(state_steps[i].numel() == 1,
+                     lambda: f"instrumented_adam: state_steps[{i}] must be a one-element tensor")
+    _check_companions(params, grads, "grads")
+    _check_companions(params, exp_avgs, "exp_avgs")
+    _check_companions(params, second_moments, "second_moments")
+    if uses_max:
+        _check_companions(params, max_second_moments, "max_second_moments")
+    _check_companions(params, prev_epoch_steps, "prev_epoch_steps")
+    if stats is not None:
+        torch._check(
+            stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == NUM_STATS,
+            lambda: f"instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, {NUM_STATS}], "
+                    f"got {stats.dtype} {tuple(stats.shape)}",
+        )
+        torch._check(len(stat_rows) > 0 or stats.shape[0] == n,
+                     lambda: f"instrumented_adam: stats has {stats.shape[0]} rows for {n} parameters")
     return None
 
 
 @torch.library.register_fake("instrumented_adam::epoch_geometry")
 def _epoch_geometry_fake(params, epoch_starts, prev_steps, initial_params, has_prev, out) -> None:
+    n = len(params)
+    torch._check(len(epoch_starts) == n and len(prev_steps) == n and len(initial_params) == n,
+                 lambda: "instrumented_adam: epoch_geometry needs one start, previous step and initial tensor "
+                         "per parameter")
+    _check_companions(params, epoch_starts, "epoch_starts")
+    _check_companions(params, prev_steps, "prev_steps")
+    _check_companions(params, initial_params, "initial_params")
+    torch._check(
+        out.dtype == torch.float64 and out.dim() == 2 and out.shape[0] == n and out.shape[1] == EPOCH_GEOMETRY_COLUMNS,
+        lambda: f"instrumented_adam: out must be a float64 tensor of shape [{n}, {EPOCH_GEOMETRY_COLUMNS}], "
+                f"got {out.dtype} {tuple(out.shape)}",
+    )
     return None
 
 
 @torch.library.register_fake("instrumented_adam::sum_of_squares")
 def _sum_of_squares_fake(tensors, out) -> None:
+    torch._check(out.dtype == torch.float64 and out.numel() == len(tensors),
+                 lambda: f"instrumented_adam: out must be a float64 tensor of {len(tensors)} elements, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     return None

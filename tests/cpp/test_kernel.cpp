@@ -169,7 +169,7 @@ void test_raw_kernels() {
         for (int j = 0; j < ia::kNumStats; ++j) {
           if (j == ia::k_eff_lr_sum || j == ia::k_eff_lr_max) continue;  // checked in Python tests
           EXPECT(std::abs(stats[j] - sums[j]) <= 1e-6 * abs_sums[j] + 1e-300, "%s n=%lld stat %s: %.12g vs %.12g",
-                 name, (long long)n, ia::kStatNames[j], stats[j], sums[j]);
+                 name, (long long)n, ia::kStatTable[j].name, stats[j], sums[j]);
         }
         EXPECT(stats[ia::k_eff_lr_max] > 0, "%s eff_lr_max must be positive", name);
         if (std::string(name) != "DEFAULT") results.push_back(b);
@@ -186,13 +186,13 @@ void test_raw_kernels() {
   }
 }
 
-using FusedStep = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+using AdamStep = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        at::TensorList, at::TensorList, int64_t, double, const std::optional<at::Tensor>&, double,
                        double, double, double, bool, bool, const std::optional<at::Tensor>&,
                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef);
 
 void test_dispatcher() {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("instrumented_adam::fused_step", "").typed<FusedStep>();
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("instrumented_adam::adam_step", "").typed<AdamStep>();
   at::Tensor p = at::randn({33}), g = at::randn({33}), m = at::zeros({33}), v = at::zeros({33});
   at::Tensor bad_v = at::zeros({32});
   at::Tensor step = at::zeros({}, at::kFloat);
