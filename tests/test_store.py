@@ -210,6 +210,7 @@ import pandas as pd
 from instrumented_adam.telemetry.store import (
     HYPER_COLUMNS,
     CorruptStoreError,
+    MetricClashError,
     HotJournalError,
     LeaseLostError,
     ReadOnlyStoreError,
@@ -529,3 +530,28 @@ def test_truncated_store_and_hot_journal_get_their_own_messages(tmp_path):
     with RunStore(hot) as store:  # a writable open rolls the interrupted transaction back
         assert store.runs()["name"].tolist() == ["h"] and "filler" not in [
             r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")]
+
+
+def test_a_late_metric_logged_after_a_checkpoint_does_not_block_it_after_resume(tmp_path):
+    """Issue 10 item 6 (H3's request). Reproduction on the landed code: end_epoch, checkpoint, a
+    late validation metric for that epoch, a crash; the resume truncated only epochs >= E, so
+    logging the same late metric again raised MetricClashError."""
+    with RunStore(tmp_path / "late.sqlite", create=True) as store:
+        run = store.create_run("late")
+        _steps(store, run, range(1, 5))
+        store.write_epoch(run, {"epoch": 0, "step": 4, "num_steps": 4, "recorded_steps": 4}, metrics={"val_loss": 1.0})
+        store.write_metrics(run, 0, {"early_test": 0.5}, step=4)  # before the checkpoint: kept
+        position = store.position(run)  # the checkpoint at step 4, one epoch done
+        store.write_metrics(run, 0, {"test_acc": 0.9}, step=4)  # after it, at the same step
+        _steps(store, run, range(5, 7))
+        store.write_metrics(run, 0, {"late_acc": 0.8}, step=6)  # after it, steps later
+        with pytest.raises(MetricClashError):
+            store.write_metrics(run, 0, {"test_acc": 0.9}, step=4)
+        deleted = store.truncate_run(run, step=4, epoch=1, position=position)
+        assert deleted["metrics"] == 2 and deleted["steps"] == 2
+        assert sorted(store.metrics(run)["name"]) == ["early_test", "val_loss"]
+        store.write_metrics(run, 0, {"test_acc": 0.9}, step=4)  # the resumed run logs it again
+        store.write_metrics(run, 0, {"late_acc": 0.8}, step=6)
+        assert list(store.metrics(run).columns) == ["run_id", "epoch", "name", "value"]
+        store.truncate_run(run, step=5, epoch=1)  # without a position: metrics of steps beyond go
+        assert "late_acc" not in set(store.metrics(run)["name"])

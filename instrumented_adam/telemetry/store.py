@@ -35,7 +35,9 @@ untouched):
            weight_decay, <hyperparameters>, <epoch geometry>, <f_mean, f_min, f_max of each figure>)
     layer_epochs(run_id, epoch, layer_index, layer, grp, numel, <epoch geometry per tensor>,
                  <the epoch's last step's figures per tensor>)
-    metrics(run_id, epoch, name, value)           user metrics, long form
+    metrics(run_id, epoch, name, value, step, seq) user metrics, long form; step: the recorder's step
+                                                  count when a late metric was logged (NULL with the
+                                                  epoch row); seq: the store-wide order of writes
     checkpoints(run_id, step, epochs_done, path, saved_at)
     leases(run_id, writer, host, pid, pid_namespace, acquired_at, heartbeat, expire_after)
     gaps(gap_id, run_id, from_step, to_step, from_epoch, to_epoch, reason, marked_at)
@@ -149,7 +151,8 @@ CREATE TABLE gaps (
     reason TEXT NOT NULL,
     marked_at TEXT NOT NULL
 );
-CREATE INDEX gaps_run ON gaps(run_id)
+CREATE INDEX gaps_run ON gaps(run_id);
+CREATE INDEX metrics_seq ON metrics(seq)
 """
 
 # Columns new in version 2 in the row tables (added by the migration; NULL in old rows: unknown).
@@ -157,6 +160,7 @@ _V2_ROW_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "steps": (("skipped", "INTEGER"), ("grad_scale", "REAL")),
     "step_groups": (("skipped", "INTEGER"), ("grad_scale", "REAL")),
     "epochs": (("skipped_steps", "INTEGER"),),
+    "metrics": (("step", "INTEGER"), ("seq", "INTEGER")),
 }
 
 _SCHEMA = f"""
@@ -205,6 +209,8 @@ CREATE TABLE metrics (
     epoch INTEGER NOT NULL,
     name TEXT NOT NULL,
     value REAL,
+    step INTEGER,
+    seq INTEGER,
     PRIMARY KEY (run_id, epoch, name)
 ) WITHOUT ROWID;
 CREATE TABLE checkpoints (
@@ -980,13 +986,19 @@ class RunStore:
             self._insert_metrics(conn, run_id, epoch, metrics or {})
             conn.execute("UPDATE runs SET updated_at=? WHERE run_id=?", (utc_now(), run_id))
 
-    def write_metrics(self, run_id: int, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Adds metrics of one epoch (an epoch already recorded, e.g. a late validation)."""
+    def write_metrics(self, run_id: int, epoch: int, metrics: Mapping[str, float], *, step: int | None = None) -> None:
+        """Adds metrics of one epoch (an epoch already recorded, e.g. a late validation).
+
+        `step` is the writer's step count when the metric was logged: `truncate_run` deletes
+        late metrics logged beyond the position it truncates to, so that a resumed run can log
+        them again.
+        """
         with self._write() as conn:
             self._check_lease(conn, run_id)
-            self._insert_metrics(conn, run_id, epoch, metrics)
+            self._insert_metrics(conn, run_id, epoch, metrics, step)
 
-    def _insert_metrics(self, conn: sqlite3.Connection, run_id: int, epoch: int, metrics: Mapping[str, float]) -> None:
+    def _insert_metrics(self, conn: sqlite3.Connection, run_id: int, epoch: int, metrics: Mapping[str, float],
+                        step: int | None = None) -> None:
         if not metrics:
             return
         names = list(metrics)
@@ -999,9 +1011,10 @@ class RunStore:
                 f"metric(s) {sorted(r[0] for r in clash)} already logged for epoch {epoch} of run {run_id}; "
                 "each metric is logged once per epoch"
             )
+        seq = conn.execute("SELECT COALESCE(max(seq), 0) FROM metrics").fetchone()[0]
         conn.executemany(
-            "INSERT INTO metrics(run_id, epoch, name, value) VALUES (?, ?, ?, ?)",
-            [(run_id, epoch, k, float(v)) for k, v in metrics.items()],
+            "INSERT INTO metrics(run_id, epoch, name, value, step, seq) VALUES (?, ?, ?, ?, ?, ?)",
+            [(run_id, epoch, k, float(v), step, seq + i + 1) for i, (k, v) in enumerate(metrics.items())],
         )
 
     def record_checkpoint(self, run_id: int, step: int, epochs_done: int, path: str | Path) -> None:
@@ -1013,12 +1026,16 @@ class RunStore:
                 (run_id, step, epochs_done, str(Path(path).resolve()), utc_now()),
             )
 
-    def truncate_run(self, run_id: int, *, step: int, epoch: int, status: str = "running") -> dict[str, int]:
+    def truncate_run(self, run_id: int, *, step: int, epoch: int, status: str = "running",
+                     position: Mapping[str, Any] | None = None) -> dict[str, int]:
         """Deletes the run's rows beyond a position, in one transaction, and sets its status.
 
         Rows of steps > `step` go (steps, step groups, checkpoints), and epoch-level rows
         (epochs, layers, metrics) of epochs >= `epoch` (`epoch` is the number of epochs completed
-        at that position), and gaps marked beyond it. Returns the number of rows deleted per table.
+        at that position), and gaps marked beyond it. Late metrics of earlier epochs go too when
+        they were logged beyond the position: at a step > `step`, or, given the checkpoint's
+        `position` (from `RunStore.position`), written after it (this also catches a metric logged
+        after the checkpoint at the same step). Returns the number of rows deleted per table.
         """
         deleted = {}
         with self._write() as conn:
@@ -1028,6 +1045,11 @@ class RunStore:
                 op = ">" if column == "step" else ">="
                 cur = conn.execute(f"DELETE FROM {table} WHERE run_id=? AND {column} {op} ?", (run_id, bound))
                 deleted[table] = cur.rowcount
+            late = conn.execute("DELETE FROM metrics WHERE run_id=? AND step > ?", (run_id, step)).rowcount
+            metrics_seq = (position or {}).get("metrics_seq", -1)
+            if metrics_seq != -1:
+                late += conn.execute("DELETE FROM metrics WHERE run_id=? AND seq > ?", (run_id, metrics_seq or 0)).rowcount
+            deleted["metrics"] += late
             conn.execute("DELETE FROM gaps WHERE run_id=? AND COALESCE(from_step, -1) > ?", (run_id, step))
             conn.execute(
                 "UPDATE runs SET status=?, status_detail=NULL, finished_at=NULL, updated_at=? WHERE run_id=?",
@@ -1104,15 +1126,20 @@ class RunStore:
         """What the store holds of a run now, for a checkpoint to record (JSON-able).
 
         Keys: run_id, last_step and last_epoch (None when no row), rows (row counts of steps,
-        step_groups, epochs, layer_epochs, metrics) and digest (a sha256 of the tables' key
-        counts and sums). `verify_position` checks a store against it at resume.
+        step_groups, epochs, layer_epochs, metrics), digest (a sha256 of the tables' key counts
+        and sums) and metrics_seq (the order of the run's last metric write, for `truncate_run`).
+        `verify_position` checks a store against it at resume.
         """
         run_id = self.run_id(run)
         with self._snapshot() as conn:
             last_step = conn.execute("SELECT max(step) FROM steps WHERE run_id=?", (run_id,)).fetchone()[0]
             last_epoch = conn.execute("SELECT max(epoch) FROM epochs WHERE run_id=?", (run_id,)).fetchone()[0]
             counts, digest = self._position_counts(conn, run_id, last_step, last_epoch)
-        return {"run_id": run_id, "last_step": last_step, "last_epoch": last_epoch, "rows": counts, "digest": digest}
+            metrics_seq = None
+            if self._version >= 2:
+                metrics_seq = conn.execute("SELECT max(seq) FROM metrics WHERE run_id=?", (run_id,)).fetchone()[0]
+        return {"run_id": run_id, "last_step": last_step, "last_epoch": last_epoch, "rows": counts, "digest": digest,
+                "metrics_seq": metrics_seq}
 
     def verify_position(self, run: int | str, position: Mapping[str, Any], *, option: str = "allow_gap=True") -> None:
         """Checks that the store still holds every row a checkpoint's `position` had.
