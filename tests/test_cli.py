@@ -54,13 +54,63 @@ def test_report_of_named_runs(store, capsys):
     out_file = store.with_suffix(".html")
     assert status == 0 and "Report of 2 run(s) written" in out and str(out_file.resolve()) in out
     page = out_file.read_text()
-    assert "1:base" in page and "2:other" in page and page.count("<img") >= 10
-    assert "Strongest relations</b> (top 5 of" in page
+    assert "1:base" in page and "2:other" in page and page.count('<div class="plot"') >= 8
+    assert 'id="health"' in page
 
 
 def test_report_out_must_not_be_a_directory(store, tmp_path, capsys):
     status, _, err = run_main(["report", str(store), "--out", str(tmp_path)], capsys)
     assert status == 1 and "is a directory" in err
+
+
+def test_report_out_in_a_missing_directory_is_an_error(store, tmp_path, capsys):
+    # A typo in the path must not silently create directories.
+    status, _, err = run_main(["report", str(store), "--out", str(tmp_path / "nonexistent" / "dir" / "x.html")], capsys)
+    assert status == 1 and "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_report_relation_options(store, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    status, _, err = run_main(["report", str(store), "--out", str(out), "--target", "train", "--lags", "1-2",
+                               "--epochs", "1-", "--layer-norm", "raw", "--no-progress"], capsys)
+    assert status == 0, err
+    page = out.read_text()
+    assert "per-layer epoch step (‖s_k‖)" in page  # raw, not the per-element RMS
+    status, _, err = run_main(["report", str(store), "--lags", "3-1"], capsys)
+    assert status == 2 and "is not a lag or a lag range" in err
+    status, _, err = run_main(["report", str(store), "--epochs", "x"], capsys)
+    assert status == 2 and "is not an epoch window" in err
+    status, _, err = run_main(["report", str(store), "--lags", "0-2", "--max-lag", "2", "--out", str(out)], capsys)
+    assert status == 1 and "not both" in err
+
+
+def test_version_and_help_texts(capsys):
+    from instrumented_adam import __version__
+
+    status, out, _ = run_main(["--version"], capsys)
+    assert status == 0 and out.strip() == f"instrumented-adam {__version__}"
+    for command, words in (("runs", "Lists the runs"), ("export", "TensorBoard event"), ("check", "Exits 1")):
+        status, out, _ = run_main([command, "--help"], capsys)
+        assert status == 0 and words in " ".join(out.split()), out
+    status, out, _ = run_main(["export", "--help"], capsys)
+    assert "parquet (needs pyarrow)" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["runs", "{store}"], ["check", "{store}"]])
+def test_fast_commands_do_not_import_torch(store, argv):
+    # A fresh interpreter: the command must not load torch (nor, for --help/--version, pandas).
+    argv = [a.format(store=store) for a in argv]
+    code = ("import sys, time; t = time.perf_counter(); from instrumented_adam.demo import cli\n"
+            "try:\n    cli.main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('TIME', time.perf_counter() - t); print('TORCH', 'torch' in sys.modules);"
+            "print('PANDAS', 'pandas' in sys.modules)") % (argv,)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("TIME", "TORCH", "PANDAS")))
+    assert lines["TORCH"] == "False"
+    if argv[0].startswith("--"):
+        assert lines["PANDAS"] == "False" and float(lines["TIME"]) <= 0.5
 
 
 @pytest.mark.parametrize("fmt, expected", [

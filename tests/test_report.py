@@ -42,12 +42,18 @@ def report(store, tmp_path_factory) -> Path:
     return write_report(store, tmp_path_factory.mktemp("html") / "report.html", max_lag=2, top=8)
 
 
+PLOT = re.compile(r'<div class="plot" id="(plot-\d+)" aria-label="([^"]*)">')
+
+
 def test_report_is_self_contained(report):
     page = report.read_text()
     assert page.startswith("<!DOCTYPE html>")
-    # Nothing is fetched: no external sources, links or stylesheets.
-    assert not re.search(r'(src|href)="(?!data:|#)', page)
-    assert "<link" not in page and "@import" not in page and "url(" not in page
+    # Nothing is fetched: no external sources, links or stylesheets; plotly.js is inlined once.
+    assert not re.search(r'<(script|img|link|iframe)[^>]+(src|href)="(?!data:|#)', page)
+    assert "<link" not in page and "@import" not in page
+    from plotly.offline import get_plotlyjs
+
+    assert page.count(get_plotlyjs()) == 1
     images = IMG.findall(page)
     assert len(images) == page.count("<img")
     for data, alt in images:
@@ -61,18 +67,91 @@ def test_report_is_self_contained(report):
 
 def test_report_contents(report):
     page = report.read_text()
-    alts = [alt for _, alt in IMG.findall(page)]
-    # Per group: loss, lr/wd, epoch steps, distance, moments, step figures, predicted vs actual;
-    # the linear regression adds the loss-surface path and the parameters; per run: layers + correlations.
-    assert alts.count("loss curves") == 2 and alts.count("epoch step norm and angle") == 2
+    alts = [alt for _, alt in IMG.findall(page)] + [alt for _, alt in PLOT.findall(page)]
+    # Per group: loss, lr/wd, epoch geometry, moments, step figures, predicted vs actual (interactive);
+    # the linear regression adds the loss-surface path and the parameters (PNG); per run: layers.
+    assert alts.count("loss curves") == 2 and alts.count("epoch geometry") == 2
     assert alts.count("trajectory on the loss surface") == 1 and alts.count("parameters over training") == 1
     assert alts.count("learning rate and weight decay") == 2 and alts.count("moment norms and effective lr") == 2
     for run in ("1:lin-adam", "2:lin-adamw", "3:mlp"):
-        assert f"per-layer step norms of {run}" in alts and f"correlation heatmap of {run}" in alts
-    assert len(alts) == 2 * 7 + 2 + 3 * 2
-    assert page.count("Strongest relations") == 3
+        assert f"per-layer step norms of {run}" in alts
+    assert len(alts) == 2 * 6 + 2 + 3
+    # 12 epochs give 11 loss changes: fewer than the 12 pairs a relation test needs; the 7-epoch run too.
+    assert page.count("Too few epochs with a logged loss to test relations") == 3
     assert "linreg: 2-parameter linear regression" in page and "digits: MLP 75-50-25" in page
     assert 'data-report-check' not in page.split("<body>")[0]  # set by the script at load, not baked in
+    # The report opens with the health findings, before the runs table.
+    assert page.index('id="health"') < page.index("<h2>Runs</h2>")
+    assert "best epoch" in page and "<b>healthy</b>" in page
+
+
+def test_relations_table_in_a_longer_run(tmp_path):
+    path = tmp_path / "s.sqlite"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_task("linreg", TrainConfig(epochs=40), path, run_name="lin")
+    finally:
+        torch.set_num_threads(threads)
+    page = build_report(path, lags=(1, 2), permutations=99, top=5)
+    assert "Relations to the change of the validation loss" in page and "lags 1…2" in page
+    assert "so p ≥ 0.01" in page and "out-of-sample gain" in page
+    train = build_report(path, target="train", window=(5, None), permutations=99)
+    assert "Relations to the change of the training loss" in train and "epochs 5…last" in train
+
+
+def test_weight_decay_zero_is_a_flat_panel_and_epochs_are_integers(store):
+    from instrumented_adam.analysis import interactive
+
+    runs = load_runs(RunStore(store))
+    spec = interactive.figure_hyperparameters(runs[2:])  # the digits run: weight decay 0
+    assert spec["layout"]["yaxis2"]["range"] == [-1, 1]
+    assert "constant 0 in every run" in spec["layout"]["annotations"][1]["text"]
+    geometry = interactive.figure_epoch_geometry(runs)
+    assert all(geometry["layout"][f"xaxis{s}"]["tickformat"] == "d" for s in ("", "2", "3", "4"))
+
+
+def test_adam_and_adamax_moments_on_separate_axes(tmp_path):
+    from instrumented_adam.analysis import interactive
+    from instrumented_adam.analysis.relations import RunData
+    import pandas as pd
+
+    def run(i, optimizer, v):
+        epochs = pd.DataFrame({"epoch": [0, 1, 2], "second_moment_mean_mean": v})
+        return RunData(i, optimizer, {"optimizer": optimizer}, epochs, pd.DataFrame(), pd.DataFrame())
+
+    spec = interactive.figure_moments([run(1, "Adam", [1e-8, 1e-8, 1e-8]), run(2, "Adamax", [1e-4, 1e-4, 1e-4])])
+    axes = {t["legendgroup"]: t.get("yaxis", "y") for t in spec["data"] if "second_moment" in t["hovertemplate"] + t["name"]}
+    assert set(axes) == {"1:Adam", "2:Adamax"} and axes["1:Adam"] != axes["2:Adamax"]
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert any("Adam's second moment" in t for t in titles) and any("Adamax" in t for t in titles)
+
+
+def test_signed_log_ticks_do_not_collide_near_zero():
+    from instrumented_adam.analysis.interactive import signed_log_ticks
+    import numpy as np
+
+    values = np.array([-3.0, -1e-4, 1e-7, 2.0, 0.5])
+    positions, labels = signed_log_ticks(values, scale=3e-3)
+    assert labels[0] == "0" and len(positions) == len(set(positions))
+    ordered = sorted(positions)
+    assert min(np.diff(ordered)) >= 0.9  # label spacing in axis units
+    assert "1e0" in labels and "−1e0" in labels
+
+
+def test_display_thinning_keeps_the_ends():
+    from instrumented_adam.analysis.interactive import MAX_DISPLAY_POINTS, thin
+    import numpy as np
+
+    x = np.arange(10_001.0)
+    tx, ty = thin(x, x * 2)
+    assert len(tx) <= MAX_DISPLAY_POINTS + 1 and tx[0] == 0 and tx[-1] == 10_000 and (ty == 2 * tx).all()
+
+
+def test_missing_output_directory_is_an_error(store, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_report(store, tmp_path / "nowhere" / "x.html")
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_report_of_runs_without_epochs(tmp_path):
@@ -89,6 +168,7 @@ def test_report_of_runs_without_epochs(tmp_path):
     rec.close()
     page = build_report(s)
     assert "1:&lt;b&gt;$lr" in page and "<b>$lr" not in page and "Too few epochs" in page
+    assert "(running)" in page or "(finished)" in page
     empty = tmp_path / "e.sqlite"
     RunStore(empty, create=True).close()
     assert "holds no runs yet" in build_report(empty)
@@ -121,30 +201,39 @@ def chromium(binary: str, profile: Path, *args: str, timeout: float = 120) -> su
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
-    url = report.resolve().as_uri()
-    images = report.read_text().count("<img")
+def _body_attributes(dom: str) -> dict[str, str]:
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body is not None, dom[:2000]
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
 
-    # The report's inline check runs at the load event and records on <body> whether every
-    # figure decoded (naturalWidth > 0) and whether any script error occurred.
-    dom = chromium(binary, tmp_path / "profile-dom", "--virtual-time-budget=15000", "--dump-dom", url)
+
+def _check_rendered(binary: str, page: Path, profile: Path, fragment: str = "") -> tuple[dict[str, str], str]:
+    dom = chromium(binary, profile, "--virtual-time-budget=20000", "--dump-dom", page.resolve().as_uri() + fragment)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    body = re.search(r"<body([^>]*)>", dom.stdout)
-    assert body is not None, dom.stdout[:2000]
-    attributes = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-    assert attributes.get("data-images-total") == str(images)
-    assert attributes.get("data-images-loaded") == str(images)
+    attributes = _body_attributes(dom.stdout)
+    text = page.read_text()
+    assert attributes.get("data-images-total") == str(text.count("<img"))
+    assert attributes.get("data-images-loaded") == str(text.count("<img"))
+    assert attributes.get("data-plots-total") == str(text.count('<div class="plot"'))
+    assert attributes.get("data-plots-rendered") == attributes.get("data-plots-total")
     assert attributes.get("data-js-errors") == "0"
     assert attributes.get("data-report-check") == "ok"
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "rror" in line)]
     assert not console_errors, console_errors
+    return attributes, dom.stderr
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    # The report's inline check runs at the load event and records on <body> whether every image
+    # decoded, every Plotly figure rendered, and whether any script error occurred.
+    _check_rendered(binary, report, tmp_path / "profile-dom")
 
     shot = tmp_path / "report.png"
     done = chromium(binary, tmp_path / "profile-shot", "--hide-scrollbars", "--window-size=1100,1800",
-                    f"--screenshot={shot}", url)
+                    "--virtual-time-budget=10000", f"--screenshot={shot}", report.resolve().as_uri())
     assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     from PIL import Image
 
@@ -153,3 +242,38 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         # Not a blank page: the top of the report has text, tables and figures in many shades.
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 200
+
+
+def test_legend_toggle_and_zoom_in_headless_chromium(report, tmp_path):
+    # #selftest makes the page click the first run in the first figure's legend (real mouse
+    # events on plotly's legend toggle) and drag a zoom box over the figure, then record the trace's
+    # visibility and the x range before and after on <body>.
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    attributes, _ = _check_rendered(binary, report, tmp_path / "profile-selftest", "#selftest")
+    assert attributes.get("data-selftest") == "done"
+    assert attributes.get("data-selftest-toggled") == "legendonly"  # the run is hidden
+    before = [float(v) for v in attributes["data-selftest-xrange-before"].split(",")]
+    after = [float(v) for v in attributes["data-selftest-xrange-after"].split(",")]
+    assert before[0] < after[0] < after[1] < before[1]  # zoomed in to the middle of the axis
+
+
+def test_a_3000_epoch_store_renders_in_under_30_s(tmp_path):
+    import time
+
+    binary = chromium_binary()
+    path = tmp_path / "long.sqlite"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_task("linreg", TrainConfig(epochs=3000), path, run_name="long")
+    finally:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    page = write_report(path, tmp_path / "long.html")
+    built = time.perf_counter() - started
+    assert "3000" in page.read_text()
+    if binary is not None:
+        _check_rendered(binary, page, tmp_path / "profile-long")
+    assert time.perf_counter() - started < 30, f"built in {built:.1f} s"

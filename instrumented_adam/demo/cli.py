@@ -4,6 +4,10 @@
     instrumented-adam report STORE [RUN ...]       self-contained HTML report of runs in a store
     instrumented-adam runs STORE                   list the runs of a store
     instrumented-adam export STORE [RUN] --format tensorboard|csv|parquet --out DIR
+    instrumented-adam check STORE [RUN ...]        health findings; exit 1 when a run is unhealthy
+
+`--help`, `--version`, `runs` and `check` never import torch: only `demo` needs it (its options'
+choices come from the tasks module, which is loaded only when the command is `demo`).
 
 User errors (a missing store, an unknown run, a bad option) print one line on stderr and exit
 with a non-zero status, without a traceback: 2 for command-line usage errors (argparse's
@@ -57,14 +61,24 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 beta = _number(float, lambda v: 0 <= v < 1, "a beta in [0, 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``instrumented-adam`` command."""
-    from .tasks import ACTIVATIONS, OPTIMIZERS, SCHEDULES, TASKS
+def _version() -> str:
+    from .. import __version__  # the lazy top-level package: no torch
 
+    return __version__
+
+
+def build_parser(demo_options: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``instrumented-adam`` command.
+
+    `demo_options`: add the demo's options, whose choices come from the tasks module (which
+    imports torch). `main` passes False unless the command is ``demo``, so that ``--help``,
+    ``--version``, ``runs`` and ``check`` stay fast and torch-free.
+    """
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Instrumented Adam/AdamW/Adamax: train the demo, and report, list or export recorded runs.",
+        description="Instrumented Adam/AdamW/Adamax: train the demo, and report, list, check or export recorded runs.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -78,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
             "epoch and writes an HTML report. Settings left out take each task's defaults."
         ),
     )
+    demo.set_defaults(handler=cmd_demo)
+    if demo_options:
+        _add_demo_options(demo)
+
+    _add_store_commands(sub)
+    return parser
+
+
+def _add_demo_options(demo: argparse.ArgumentParser) -> None:
+    from .tasks import ACTIVATIONS, OPTIMIZERS, SCHEDULES, TASKS
+
     demo.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="tasks to run (default: all)")
     demo.add_argument("--optimizer", nargs="+", choices=list(OPTIMIZERS), default=["adam", "adamax"],
                       help="optimizers, one run per task each (default: adam adamax)")
@@ -99,8 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--threads", type=positive_int, default=1,
                       help="torch CPU threads (default: 1 — the demo's tensors are too small to gain from more)")
-    demo.set_defaults(handler=cmd_demo)
 
+
+def _lag_range(text: str) -> tuple[int, int]:
+    """'3' → (0, 3); '1-5' or '1:5' → (1, 5)."""
+    parts = text.replace(":", "-").split("-")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lag or a lag range like 1-5") from None
+    if len(values) == 1:
+        values = [0, values[0]]
+    if len(values) != 2 or values[0] < 0 or values[1] < values[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lag or a lag range like 1-5 (0 <= first <= last)")
+    return values[0], values[1]
+
+
+def _epoch_window(text: str) -> tuple[int | None, int | None]:
+    """'100-' (from 100), '-500' (up to 500), '100-500' (inclusive)."""
+    first, sep, last = text.partition("-")
+    try:
+        window = (int(first) if first else None, int(last) if last else None)
+    except ValueError:
+        window = None
+    if not sep or window is None or window == (None, None) or (None not in window and window[1] < window[0]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch window like 100-500, 100- or -500")
+    return window
+
+
+def _add_store_commands(sub) -> None:
     report = sub.add_parser("report", help="write a self-contained HTML report of runs in a store",
                             description="Writes one HTML file (figures embedded, readable offline) for the given runs "
                                         "(all runs of the store when none is given), overlaid per task.")
@@ -108,22 +160,49 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="*", metavar="RUN", help="run names or ids (default: all runs)")
     report.add_argument("--out", type=Path, help="the HTML file (default: the store's path with .html)")
     report.add_argument("--title", help="page title")
-    report.add_argument("--max-lag", type=nonnegative_int, default=3,
-                        help="largest lag (epochs) of the loss correlations (default: 3)")
+    report.add_argument("--max-lag", type=nonnegative_int, default=None,
+                        help="largest lag (epochs) of the loss relations (default: 3; --lags sets a range)")
+    report.add_argument("--lags", type=_lag_range, default=None, metavar="FIRST-LAST",
+                        help="lags (epochs) of the loss relations: a figure at epoch k against the target at k+lag "
+                             "(default: 0-3)")
+    report.add_argument("--target", choices=["val", "train", "both"], default="val",
+                        help="the loss whose change the relations predict (default: val, the validation loss)")
+    report.add_argument("--epochs", type=_epoch_window, default=None, metavar="FIRST-LAST",
+                        help="epoch window of the relations, inclusive: 100-500, 100- or -500 (default: all)")
+    report.add_argument("--layer-norm", choices=["raw", "rms"], default="rms",
+                        help="per-layer heatmap of the raw epoch step norm ‖s_k‖, or its per-element RMS "
+                             "‖s_k‖/√numel, which does not rank tensors by size (default: rms)")
     report.add_argument("--top", type=positive_int, default=15, help="rows of each ranked relation table (default: 15)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     report.set_defaults(handler=cmd_report)
 
-    runs = sub.add_parser("runs", help="list the runs of a store")
+    runs = sub.add_parser("runs", help="list the runs of a store",
+                          description="Lists the runs of a store: status, optimizer, task, epochs and steps each ran, "
+                                      "lineage (parent run and branch epoch) and start time.")
     runs.add_argument("store", type=Path, help="the run store (.sqlite)")
     runs.set_defaults(handler=cmd_runs)
 
-    export = sub.add_parser("export", help="export runs as TensorBoard event files, CSV or Parquet")
+    check = sub.add_parser("check", help="print the health findings of runs; exit 1 when one is unhealthy",
+                           description="Diagnoses runs from the store (usable while they train): non-finite loss, "
+                                       "gradients or parameters, divergence, loss spikes, plateaus, overfitting, the "
+                                       "best epoch, steps skipped by a GradScaler and layers that stopped moving. "
+                                       "Exits 1 when a run has an error-level finding (with --strict: any warning), "
+                                       "so that a job script or CI can stop on it.")
+    check.add_argument("store", type=Path, help="the run store (.sqlite)")
+    check.add_argument("runs", nargs="*", metavar="RUN", help="run names or ids (default: all runs)")
+    check.add_argument("--strict", action="store_true", help="also exit 1 on warnings (overfitting, plateau, spikes, ...)")
+    check.set_defaults(handler=cmd_check)
+
+    export = sub.add_parser("export", help="export runs as TensorBoard event files, CSV or Parquet",
+                            description="Writes the runs' step, epoch, per-layer and metric tables as TensorBoard event "
+                                        "files (one directory per run), CSV or Parquet files (one per table) into "
+                                        "--out; docs/data-dictionary.md describes every column.")
     export.add_argument("store", type=Path, help="the run store (.sqlite)")
     export.add_argument("run", nargs="?", help="run name or id (default: all runs)")
-    export.add_argument("--format", required=True, choices=["tensorboard", "csv", "parquet"], dest="fmt")
+    export.add_argument("--format", required=True, choices=["tensorboard", "csv", "parquet"], dest="fmt",
+                        help="tensorboard (event files for TensorBoard), csv or parquet (needs pyarrow)")
     export.add_argument("--out", type=Path, required=True, help="output directory")
     export.set_defaults(handler=cmd_export)
-    return parser
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -320,8 +399,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = args.out or args.store.with_suffix(".html")
         if out.exists() and out.is_dir():
             raise UserError(f"--out {out} is a directory; give the HTML file's path")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: the directory {out.parent} does not exist")
+        if args.lags is not None and args.max_lag is not None:
+            raise UserError("give --lags or --max-lag, not both")
+        lags = args.lags or (0, 3 if args.max_lag is None else args.max_lag)
         started = time.perf_counter()
-        path = write_report(store, out, runs=ids, title=args.title, max_lag=args.max_lag, top=args.top)
+        path = write_report(store, out, runs=ids, title=args.title, lags=lags, target=args.target, window=args.epochs,
+                            layer_norm=args.layer_norm, top=args.top, progress=not args.no_progress)
     finally:
         store.close()
     count = len(ids) if ids else "all"
@@ -340,7 +425,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"{args.store}: no runs")
             return EXIT_OK
         epochs = store.epochs(with_metrics=False)
+        # Steps the run itself ran: a branch starts counting at its branch step, not at 0.
         counts = epochs.groupby("run_id").agg(epochs=("epoch", "size"), steps=("step", "max"))
+        if "branch_step" in runs:
+            start = runs.set_index("run_id")["branch_step"].reindex(counts.index)
+            counts["steps"] = counts["steps"] - pd.to_numeric(start, errors="coerce").fillna(0)
     finally:
         store.close()
     table = runs[["run_id", "name", "status", "optimizer", "seed", "parent_run", "branch_epoch", "started_at"]].copy()
@@ -357,6 +446,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_rows", 10_000):
         print(table.to_string(index=False, na_rep="-"))
     return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Prints the health findings of runs; EXIT_ERROR when one is unhealthy."""
+    from ..analysis import health
+
+    store = open_store(args.store)
+    try:
+        ids = _resolve_runs(store, args.runs)
+        results = health.check_runs(store, ids)
+    finally:
+        store.close()
+    if not results:
+        print(f"{args.store}: no runs")
+        return EXIT_OK
+    for result in results:
+        print(result.text())
+    failing = [r for r in results if not r.healthy or (args.strict and r.worst() == "warning")]
+    return EXIT_ERROR if failing else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -388,10 +496,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``instrumented-adam`` console script; returns the exit status."""
-    from ..telemetry.store import StoreError
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(demo_options=command == "demo")
     args = parser.parse_args(argv)  # usage errors: message + SystemExit(2), argparse's convention
+    from ..telemetry.store import StoreError  # after parsing: --help and --version need no pandas
+
     try:
         return int(args.handler(args))
     except (UserError, StoreError) as e:  # StoreError: e.g. a store written by a newer version
