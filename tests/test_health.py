@@ -145,3 +145,9 @@ def test_check_command_exit_status(inf_store, capsys):
     assert cli.main(["check", str(inf_store)]) == 1
     out = capsys.readouterr().out
     assert "run 1:inf (finished): UNHEALTHY" in out and "from step 30 (epoch 2)" in out and "2.weight" in out
+
+
+def test_skipped_steps_from_epoch_rows_when_step_rows_are_thinned():
+    run = run_data(decaying(5))
+    run.epochs["skipped_steps"] = [0, 0, 0, 2, 0]
+    assert kinds(health.diagnose(run))["skipped_steps"].epoch == 3

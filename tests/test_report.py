@@ -277,3 +277,23 @@ def test_a_3000_epoch_store_renders_in_under_30_s(tmp_path):
     if binary is not None:
         _check_rendered(binary, page, tmp_path / "profile-long")
     assert time.perf_counter() - started < 30, f"built in {built:.1f} s"
+
+
+def test_data_dictionary_documents_every_store_column(store):
+    # docs/data-dictionary.md must describe every column of a demo store, and its figure rows are
+    # generated from core.figures (so they cannot drift from the formulas).
+    from instrumented_adam.analysis import dictionary
+
+    columns = dictionary.store_columns(store)
+    assert not dictionary.undocumented(columns)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data-dictionary.md").read_text()
+    assert dictionary.figure_section() in doc
+    for table, cols in columns.items():
+        section = doc.split(f"## `{table}`", 1)
+        assert len(section) == 2, f"table {table} is not in docs/data-dictionary.md"
+        body = section[1].split("\n## ", 1)[0]
+        for c in cols:
+            assert f"| `{c}` |" in body, f"{table}.{c} is not in docs/data-dictionary.md"
+    with RunStore(store) as s:
+        for metric in s.metrics()["name"].unique():
+            assert f"| `{metric}` |" in doc

@@ -230,7 +230,16 @@ def _check_overfitting(run: RunData, th: HealthThresholds, out: list[Finding]) -
 
 
 def _check_skipped(run: RunData, out: list[Finding]) -> None:
-    s = run.steps
+    s, e = run.steps, run.epochs
+    if (not len(s) or "skipped" not in s) and "skipped_steps" in e:
+        # Step rows thinned (step_every > 1) or absent: the epoch rows still count the skips.
+        counts = e["skipped_steps"].fillna(0).to_numpy(float)
+        if (counts > 0).any():
+            k = int(np.flatnonzero(counts > 0)[0])
+            out.append(Finding("skipped_steps", "warning",
+                               f"{int(counts.sum())} step(s) skipped by the GradScaler (inf/NaN gradients), first in "
+                               f"epoch {int(e['epoch'].iloc[k])}", epoch=int(e["epoch"].iloc[k])))
+        return
     if not len(s) or "skipped" not in s:
         return
     skipped = s["skipped"].fillna(0).to_numpy(float) > 0
