@@ -236,6 +236,9 @@ _RUN_TABLES: dict[str, str] = {
 # The tables whose rows a checkpoint's position counts (checkpoints themselves are bookkeeping).
 _POSITION_TABLES = ("steps", "step_groups", "epochs", "layer_epochs", "metrics")
 
+# Seconds between heartbeat writes of a busy writer (leases expire after minutes).
+_HEARTBEAT_EVERY = 1.0
+
 _NULLABLE_COUNTS = frozenset({"skipped", "skipped_steps"})
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -440,6 +443,8 @@ class RunStore:
         self._lock = threading.RLock()
         self._leases: dict[int, str] = {}  # run_id -> this object's writer id for that run
         self._columns_cache: dict[str, set[str]] = {}
+        self._hyper_noted: dict[int, set[str]] = {}  # run_id -> hyperparameter names already recorded
+        self._last_beat: dict[int, float] = {}  # run_id -> when this object last refreshed the heartbeat
         self._conn: sqlite3.Connection | None = None
         if not self.path.exists():
             if not create or readonly:
@@ -634,6 +639,8 @@ class RunStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 self._columns_cache.clear()  # an ALTER of the rolled-back transaction is undone
+                self._hyper_noted.clear()
+                self._last_beat.clear()
                 raise
             else:
                 conn.execute("COMMIT")
@@ -754,6 +761,7 @@ class RunStore:
                 )
         writer = self._take(conn, run_id, expire_after)
         self._leases[run_id] = writer
+        self._last_beat[run_id] = time.time()
         _LIVE_WRITERS[writer] = self
         return writer
 
@@ -773,7 +781,10 @@ class RunStore:
                 f"this writer ({mine}) lost its lease on run {run_id} of {self.path}{taken}. Another process took "
                 "the run over: nothing was written; stop this training (its rows would mix with the new writer's)"
             )
-        conn.execute("UPDATE leases SET heartbeat=? WHERE run_id=?", (time.time(), run_id))
+        now = time.time()
+        if now - self._last_beat.get(run_id, 0.0) >= _HEARTBEAT_EVERY:  # one page write a second at most
+            conn.execute("UPDATE leases SET heartbeat=? WHERE run_id=?", (now, run_id))
+            self._last_beat[run_id] = now
 
     def acquire_lease(self, run: int | str, *, takeover: bool = False, expire_after: float = DEFAULT_LEASE_EXPIRY) -> str:
         """Takes the run's lease for this store object and returns the writer id (a fresh uuid).
@@ -911,13 +922,15 @@ class RunStore:
     def _note_hyperparameters(self, conn: sqlite3.Connection, run_id: int, columns: Iterable[str], declared: Sequence[str] | None) -> None:
         """Records the run's hyperparameter columns (first write), or adds new ones to the record."""
         names = list(declared) if declared is not None else [c for c in columns if c in KNOWN_HYPERPARAMETERS]
-        if not names:
+        noted = self._hyper_noted.setdefault(run_id, set())
+        if not names or noted.issuperset(names):
             return
         row = conn.execute("SELECT hyperparameter_columns FROM runs WHERE run_id=?", (run_id,)).fetchone()
         have = json.loads(row[0]) if row and row[0] else []
         merged = list(dict.fromkeys([*have, *names]))
         if merged != have:
             conn.execute("UPDATE runs SET hyperparameter_columns=? WHERE run_id=?", (json.dumps(merged), run_id))
+        noted.update(merged)  # (a rolled-back write clears the cache: see _write)
 
     def write_steps(
         self,
