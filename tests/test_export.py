@@ -93,6 +93,7 @@ def test_flat_files_equal_the_store(store_path, tmp_path, fmt):
         pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=1e-15 if fmt == "csv" else 0, obj=name)
     runs = read(paths["runs"])
     assert json.loads(runs["hyperparameters"][1])["lr"] == 1e-3
+    assert json.loads(runs["hyperparameter_columns"][0]) == list(store.hyperparameter_columns(1))
     one = read((to_csv if fmt == "csv" else to_parquet)(store_path, tmp_path / f"{fmt}-one", run="two")["steps"])
     assert set(one["run_id"]) == {2}
 

@@ -197,7 +197,7 @@ def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
     if run is not None:
         runs = runs[runs["run_id"] == store.run_id(run)]
     runs = runs.copy()
-    for col in ("hyperparameters", "optimizer_config"):  # nested values: JSON text in flat files
+    for col in ("hyperparameters", "optimizer_config", "hyperparameter_columns"):  # nested values: JSON text in flat files
         runs[col] = runs[col].map(lambda v: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
     return {
         "runs": runs,
