@@ -12,6 +12,7 @@ torch is a CUDA build (and IA_BUILD_CUDA is not 0).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -44,11 +45,24 @@ if platform.machine() in ("x86_64", "AMD64"):
         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
     ]
 
+# IA_CPU_ISAS=DEFAULT (a comma list) compiles only those copies of the kernel: for test builds that
+# must be quick (tests/test_table_extension.py); the glue then dispatches among those only.
+_wanted_isas = [x.strip().upper() for x in os.environ.get("IA_CPU_ISAS", "").split(",") if x.strip()]
+if _wanted_isas:
+    unknown = sorted(set(_wanted_isas) - set(ISA_FLAGS))
+    if unknown or "DEFAULT" not in _wanted_isas:
+        sys.exit(f"instrumented_adam: IA_CPU_ISAS must name DEFAULT and only {sorted(ISA_FLAGS)}, got {_wanted_isas}")
+    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa in _wanted_isas}
+ISA_DEFINES = [f"-DIA_HAVE_ISA_{isa}" for isa in ISA_FLAGS]
+# IA_EXTRA_DEFINES="-DNAME ..." adds preprocessor definitions to every translation unit (CPU and
+# CUDA), e.g. -DIA_TEST_EXTRA_STAT for the statistics table's extension test.
+EXTRA_DEFINES = [d for d in os.environ.get("IA_EXTRA_DEFINES", "").split() if d.startswith("-D")]
+
 CXX_STD = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
 COMMON_FLAGS = [
     # -ffp-contract=off: rounding is spelled out in adam_math.h, never left to the compiler.
     "-O3", CXX_STD, "-fPIC", "-fopenmp", "-g0", "-DNDEBUG", "-ffp-contract=off",
-    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *EXTRA_DEFINES,
 ]
 
 
@@ -98,7 +112,9 @@ class IsaBuildExtension(cpp_extension.BuildExtension):
         compiler = os.environ.get("CXX", "c++")
         jobs, objects = [], []
         for isa, flags in ISA_FLAGS.items():
-            obj = out_dir / f"adam_kernel_{isa.lower()}.o"
+            # Other definitions, another object: a cached one must never mix with a different table.
+            tag = "" if not EXTRA_DEFINES else "-" + hashlib.sha1(" ".join(EXTRA_DEFINES).encode()).hexdigest()[:8]
+            obj = out_dir / f"adam_kernel_{isa.lower()}{tag}.o"
             objects.append(str(obj))
             if obj.exists() and obj.stat().st_mtime >= newest_input:
                 continue
@@ -115,7 +131,7 @@ def make_extension():
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adam_cpu.cpp"),
                str(CSRC / "cpu" / "epoch_cpu.cpp")]
     # -ffp-contract=off: the glue's double arithmetic (step scalars, epoch sums) rounds as written.
-    cxx_flags = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off", f"-I{CSRC}"]
+    cxx_flags = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off", f"-I{CSRC}", *ISA_DEFINES, *EXTRA_DEFINES]
     if want_cuda():
         sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
         sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
@@ -127,7 +143,8 @@ def make_extension():
               file=sys.stderr)
         # -ffp-contract=off for the host side of the .cu files: adam_math.h's host/device helpers
         # round there exactly as in the CPU kernel's translation units.
-        nvcc_flags = ["-O3", f"-I{CSRC}", f"-DIA_TORCH_CUDA_ADAM_FORM={form}", "-lineinfo", "-Xcompiler=-ffp-contract=off"]
+        nvcc_flags = ["-O3", f"-I{CSRC}", f"-DIA_TORCH_CUDA_ADAM_FORM={form}", "-lineinfo", "-Xcompiler=-ffp-contract=off",
+                      *EXTRA_DEFINES]
         if os.environ.get("IA_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(

@@ -1,4 +1,5 @@
-// Per-element Adam / AdamW / Adamax update and statistics, shared by the CPU and CUDA kernels.
+// Per-element Adam / AdamW / Adamax update, shared by the CPU and CUDA kernels (the statistics of
+// what it observed: stats_accumulate.h).
 //
 // Everything here is templated on the value type V: a scalar (`float`, `double`; CUDA threads and
 // scalar code) or a SIMD vector (`at::vec::Vectorized<float>` on CPU). The CPU kernel declares the
@@ -17,12 +18,6 @@
 #include <cstdint>
 
 #include "stats_table.h"
-
-#if defined(__CUDACC__)
-#define IA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define IA_HOST_DEVICE inline
-#endif
 
 namespace instrumented_adam {
 
@@ -157,26 +152,7 @@ IA_HOST_DEVICE void update_element(V& param, V grad, V& exp_avg, V& second, V& m
   param = param + V(c.neg_step_size) * exp_avg / denom;
 }
 
-// Adds one element's (vector's) contributions to the statistics accumulators acc[kNumStats].
-// `delta` is the change actually applied (after rounding to the parameter's storage type);
-// `prev_step` is ignored unless kPrevDot.
-template <bool kPrevDot, class V, class O>
-IA_HOST_DEVICE void accumulate_stats(V* acc, const V& grad, const V& exp_avg, const V& moment,
-                                     const V& denom, const V& delta, const V& param, const V& prev_step,
-                                     const ElementCoefficients<O>& c) {
-  acc[k_grad_sumsq] = ia_fmadd(grad, grad, acc[k_grad_sumsq]);
-  acc[k_exp_avg_sumsq] = ia_fmadd(exp_avg, exp_avg, acc[k_exp_avg_sumsq]);
-  acc[k_second_moment_sum] += moment;
-  acc[k_update_sumsq] = ia_fmadd(delta, delta, acc[k_update_sumsq]);
-  acc[k_param_sumsq] = ia_fmadd(param, param, acc[k_param_sumsq]);
-  acc[k_update_dot_grad] = ia_fmadd(delta, grad, acc[k_update_dot_grad]);
-  acc[k_exp_avg_dot_grad] = ia_fmadd(exp_avg, grad, acc[k_exp_avg_dot_grad]);
-  if constexpr (kPrevDot) acc[k_update_dot_prev_epoch] = ia_fmadd(delta, prev_step, acc[k_update_dot_prev_epoch]);
-  acc[k_nonfinite_grads] += ia_nonfinite(grad);
-  const V eff_lr = V(c.step_size) / denom;
-  acc[k_eff_lr_sum] += eff_lr;
-  acc[k_eff_lr_max] = ia_maximum(acc[k_eff_lr_max], eff_lr);
-}
+// The statistics of what update_element observed are in stats_accumulate.h (contribute).
 
 #ifdef CPU_CAPABILITY
 }  // inline namespace CPU_CAPABILITY

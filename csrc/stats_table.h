@@ -19,6 +19,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define IA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define IA_HOST_DEVICE inline
+#endif
+
 namespace instrumented_adam {
 
 enum class Combine : int8_t { kSum = 0, kMax = 1, kCount = 2 };
@@ -45,7 +51,17 @@ inline constexpr int kNumFamilies = 2;
   X(nonfinite_grads, kCount, kAllFamilies, "count of non-finite gradient elements")               \
   X(eff_lr_sum, kSum, kAllFamilies, "Σ of the per-element effective step size "                    \
     "lr/(bc1·(√(v/bc2)+ε)) (Adamax: lr/(bc1·u))")                                                   \
-  X(eff_lr_max, kMax, kAllFamilies, "max of the per-element effective step size")
+  X(eff_lr_max, kMax, kAllFamilies, "max of the per-element effective step size")                 \
+  IA_TEST_EXTRA_STATS(X)
+
+// Test builds only (tests/test_table_extension.py builds with -DIA_TEST_EXTRA_STAT): an entry
+// added to the table plus its per-element contribution in stats_accumulate.h, nothing else, must
+// reach the recorder, the store, the DataFrames and the export.
+#ifdef IA_TEST_EXTRA_STAT
+#define IA_TEST_EXTRA_STATS(X) X(grad_sum, kSum, kAllFamilies, "Σ g (test builds only)")
+#else
+#define IA_TEST_EXTRA_STATS(X)
+#endif
 
 enum Stat : int {
 #define IA_STAT_ENUM(name, combine, families, definition) k_##name,
@@ -91,11 +107,34 @@ inline constexpr StatInfo kEpochStatTable[] = {
 };
 static_assert(sizeof(kEpochStatTable) / sizeof(kEpochStatTable[0]) == kNumEpochStats);
 
-inline constexpr Combine stat_combine(int stat) { return kStatTable[stat].combine; }
+// The combine kinds alone, as a plain array: device code can read it (kStatTable holds strings).
+inline constexpr Combine kStatCombine[] = {
+#define IA_STAT_COMBINE(name, combine, families, definition) Combine::combine,
+    IA_FOR_EACH_STAT(IA_STAT_COMBINE)
+#undef IA_STAT_COMBINE
+};
 
-// Combines two partial values of statistic `stat` as the table says (a NaN-propagating maximum).
+IA_HOST_DEVICE constexpr Combine stat_combine(int stat) {
+#if defined(__CUDA_ARCH__)
+  // A constexpr array is not addressable from device code; the switch over the X() list is.
+  switch (stat) {
+#define IA_STAT_COMBINE_CASE(name, combine, families, definition) \
+  case k_##name: return Combine::combine;
+    IA_FOR_EACH_STAT(IA_STAT_COMBINE_CASE)
+#undef IA_STAT_COMBINE_CASE
+  }
+  return Combine::kSum;
+#else
+  return kStatCombine[stat];
+#endif
+}
+
+// Combines two partial values of statistic `stat` (two chunks, two tensors, two ranks) as the
+// table says: kSum and kCount add, kMax is a NaN-propagating maximum. The identity of every kind
+// is 0: the kMax statistics are maxima of non-negative quantities (or NaN), so a tensor without
+// elements reads 0 in every column.
 template <class T>
-inline T combine_partials(int stat, T a, T b) {
+IA_HOST_DEVICE T combine_partials(int stat, T a, T b) {
   if (stat_combine(stat) == Combine::kMax) return (a != a || b != b) ? a + b : (a > b ? a : b);
   return a + b;
 }

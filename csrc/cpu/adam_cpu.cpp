@@ -63,9 +63,12 @@ using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
 ProcessItems select_isa() {
   static const ProcessItems chosen = [] {
     const std::string capability = at::get_cpu_capability();
-#if defined(__x86_64__) || defined(_M_X64)
+// The build defines IA_HAVE_ISA_<isa> for each copy it compiled (setup.py; CMake builds all three).
+#if defined(IA_HAVE_ISA_AVX512)
     if (capability == "AVX512") return &AVX512::process_items;
-    if (capability == "AVX2") return &AVX2::process_items;
+#endif
+#if defined(IA_HAVE_ISA_AVX2)
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::process_items;
 #endif
     return &DEFAULT::process_items;
   }();
@@ -172,8 +175,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       double* row = stats_data + (stat_rows.empty() ? tensor : stat_rows[tensor]) * kNumStats;
       const double* partial = item_stats.data() + k * kNumStats;
       for (int s = 0; s < kNumStats; ++s) {
-        row[s] = s == k_eff_lr_max ? (items[k].begin == 0 ? partial[s] : ia_maximum(row[s], partial[s]))
-                                   : row[s] + partial[s];
+        // A tensor's first item starts its row; later ones combine as the table says.
+        row[s] = items[k].begin == 0 ? partial[s] : combine_partials(s, row[s], partial[s]);
       }
     }
   }

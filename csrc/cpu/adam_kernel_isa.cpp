@@ -34,6 +34,7 @@ inline at::vec::Vectorized<T> ia_nonfinite(const at::vec::Vectorized<T>& x) {
 }  // namespace instrumented_adam
 
 #include "kernel_args.h"
+#include "../stats_accumulate.h"
 
 namespace instrumented_adam::cpu {
 namespace CPU_CAPABILITY {
@@ -157,7 +158,7 @@ inline V fast_reciprocal(const V& d) {
 }
 
 // min(a, b) without NaN propagation (one instruction); the kernel detects NaN denominators through
-// the eff_lr sum instead (see accumulate_stats_cpu).
+// the sum of quotients over the same denominators instead (see SimdStats).
 template <class V>
 inline V fast_minimum(const V& a, const V& b) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -170,37 +171,109 @@ inline V fast_minimum(const V& a, const V& b) {
   return at::vec::minimum(a, b);
 }
 
-// The statistics of one SIMD vector of elements. Same definitions as accumulate_stats in
-// adam_math.h (which the CUDA kernel uses), rearranged so that the hot loop does only
-// multiply-adds, because on AVX-512 every vector instruction competes for two ports with the
-// update itself:
-//   - eff_lr = step_size/denom would cost a division per element. acc[k_eff_lr_sum] collects
-//     Σ 1/denom instead (fast_reciprocal), multiplied by step_size once per work item, in double;
-//     acc[k_eff_lr_max] collects min denom: max(step_size/denom) is exactly step_size / min(denom),
-//     a correctly rounded division by a positive number being monotonic. A NaN denominator makes
-//     the 1/denom sum NaN (every term is ≥ 0 or +inf otherwise), and then the maximum is NaN too.
-//   - nonfinite_grads is not accumulated here: a non-finite g makes the g² partial non-finite, and
-//     only then does the flush count the non-finite lanes of the block.
-template <bool kPrevDot, class V>
-inline void accumulate_stats_cpu(V* acc, const V& grad, const V& exp_avg, const V& moment, const V& denom,
-                                 const V& delta, const V& param, const V& prev_step) {
-  acc[k_grad_sumsq] = ia_fmadd(grad, grad, acc[k_grad_sumsq]);
-  acc[k_exp_avg_sumsq] = ia_fmadd(exp_avg, exp_avg, acc[k_exp_avg_sumsq]);
-  acc[k_second_moment_sum] += moment;
-  acc[k_update_sumsq] = ia_fmadd(delta, delta, acc[k_update_sumsq]);
-  acc[k_param_sumsq] = ia_fmadd(param, param, acc[k_param_sumsq]);
-  acc[k_update_dot_grad] = ia_fmadd(delta, grad, acc[k_update_dot_grad]);
-  acc[k_exp_avg_dot_grad] = ia_fmadd(exp_avg, grad, acc[k_exp_avg_dot_grad]);
-  if constexpr (kPrevDot) acc[k_update_dot_prev_epoch] = ia_fmadd(delta, prev_step, acc[k_update_dot_prev_epoch]);
-  acc[k_eff_lr_sum] += fast_reciprocal(denom);
-  acc[k_eff_lr_max] = fast_minimum(denom, acc[k_eff_lr_max]);
-}
-
 // fp32 partial sums are folded into fp64 after this many additions per lane: the fp32 rounding
 // error of a partial (the products' roundings included) stays below ~(8 + 1)·2^-24 ≈ 5.4e-7
 // relative to the sum of |terms|; the fold itself and the reduction across lanes are in fp64.
 // It is also the length of the block whose g and denominators are kept for the rare exact redo.
 constexpr int kFlushEvery = 8;
+
+// The CPU accumulator of the shared statistics (stats_accumulate.h: the definitions and the
+// primitives). Same values as the DirectAccumulator the CUDA kernel uses, rearranged so that the
+// hot loop does only multiply-adds, because on AVX-512 every vector instruction competes for two
+// ports with the update itself:
+//   - sum_of_quotients Σ c/d would cost a division per element: the lanes collect Σ 1/d instead
+//     (fast_reciprocal), multiplied by c once per work item, in double; the block's d are kept, and
+//     a block whose estimate sum turned non-finite (d = 0, ±inf, NaN, AVX2 denormals) is redone
+//     exactly at the flush.
+//   - max_of_quotients max c/d is exactly c / min d (a correctly rounded division by a positive
+//     number is monotonic): the lanes keep min d (fast_minimum, no NaN propagation); a NaN d makes
+//     the witness Σ c/d NaN, and then the maximum is NaN too.
+//   - count_nonfinite with a witness is not accumulated per element: a non-finite x makes the
+//     witness's partial non-finite, and only then does the flush count the block's kept x.
+// fp32 lane partials are folded into fp64 every kFlushEvery vectors (WideSum). Which of these each
+// statistic needs is kStatPlan (read off `contribute`), so a new statistic needs no edit here.
+template <class V>
+struct SimdStats {
+  using O = typename V::value_type;
+  V acc[kNumStats];
+  WideSum<V> total[kNumStats];
+  V block[kNumStats][kFlushEvery];  // per vector of the block: x of lazy counts, d of quotient sums
+  int64_t counted[kNumStats] = {};
+  int pending = 0;  // vectors in the current block
+
+  SimdStats() {
+    for (int s = 0; s < kNumStats; ++s) {
+      acc[s] = kStatPlan[s].how == Accumulation::kMaxOfQuotients ? V(std::numeric_limits<O>::infinity()) : V(O(0));
+    }
+  }
+
+  void sum_of_products(int s, const V& a, const V& b) { acc[s] = ia_fmadd(a, b, acc[s]); }
+  void sum(int s, const V& a) { acc[s] += a; }
+  void count_nonfinite(int s, const V& x, int witness) {
+    if (witness < 0) acc[s] += ia_nonfinite(x); else block[s][pending] = x;
+  }
+  void sum_of_quotients(int s, const V& d) {
+    acc[s] += fast_reciprocal(d);
+    block[s][pending] = d;
+  }
+  void max_of_quotients(int s, const V& d, int /*nan_witness*/) { acc[s] = fast_minimum(d, acc[s]); }
+
+  // After each vector's contributions.
+  void next_vector() {
+    if (++pending == kFlushEvery) flush();
+  }
+
+  void flush() {
+    for (int s = 0; s < kNumStats; ++s) {
+      const StatPlan& plan = kStatPlan[s];
+      if (plan.how == Accumulation::kCountNonfinite && plan.witness >= 0 &&
+          C10_UNLIKELY(acc[plan.witness].has_inf_nan())) {
+        for (int b = 0; b < pending; ++b) {
+          alignas(64) O lanes[V::size()];
+          block[s][b].store(lanes);
+          for (int l = 0; l < V::size(); ++l) counted[s] += ia_nonfinite(lanes[l]) != O(0);
+        }
+      }
+    }
+    for (int s = 0; s < kNumStats; ++s) {
+      if (kStatPlan[s].how == Accumulation::kSumOfQuotients && C10_UNLIKELY(acc[s].has_inf_nan())) {
+        V exact(O(0));
+        for (int b = 0; b < pending; ++b) exact += V(O(1)) / block[s][b];
+        acc[s] = exact;
+      }
+    }
+    for (int s = 0; s < kNumStats; ++s) {
+      if (kept_in_lanes(s)) continue;
+      total[s].add(acc[s]);
+      acc[s] = V(O(0));
+    }
+    pending = 0;
+  }
+
+  // Writes the work item's values; `numerator` is the rule's step-size numerator c.
+  void finish(O numerator, double* out) {
+    if (pending > 0) flush();
+    for (int s = 0; s < kNumStats; ++s) {
+      if (kStatPlan[s].how == Accumulation::kMaxOfQuotients) continue;
+      out[s] = kept_in_lanes(s) ? static_cast<double>(counted[s]) : total[s].sum();
+      if (kStatPlan[s].how == Accumulation::kSumOfQuotients) out[s] *= static_cast<double>(numerator);
+    }
+    for (int s = 0; s < kNumStats; ++s) {
+      const StatPlan& plan = kStatPlan[s];
+      if (plan.how != Accumulation::kMaxOfQuotients) continue;
+      // Divided in the compute type, as the per-element quotient would be: bitwise the largest one.
+      out[s] = std::isnan(out[plan.witness]) ? out[plan.witness]
+                                              : static_cast<double>(numerator / horizontal_min(acc[s]));
+    }
+  }
+
+ private:
+  // Statistics whose lane values are not partial sums (minima, lazily counted values).
+  static constexpr bool kept_in_lanes(int s) {
+    return kStatPlan[s].how == Accumulation::kMaxOfQuotients ||
+           (kStatPlan[s].how == Accumulation::kCountNonfinite && kStatPlan[s].witness >= 0);
+  }
+};
 
 // Software prefetch distance, in bytes ahead in every stream. With real arithmetic per element
 // the hardware prefetchers alone leave a core well short of the memory bandwidth. Measured on the
@@ -228,39 +301,8 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   const bool amsgrad = algo != Algorithm::kAdamax && args.amsgrad;
   const float* grad_scale = args.grad_scale;
 
-  V acc[kNumStats];
-  WideSum<V> total[kNumStats];
-  if constexpr (kStats) {
-    for (auto& a : acc) a = V(O(0));
-    acc[k_eff_lr_max] = V(std::numeric_limits<O>::infinity());  // holds min denom, see accumulate_stats_cpu
-  }
-  // The current block's g and denominators, for the exact redo of a non-finite partial. Stores
-  // go to their own ports; a compare per vector would compete with the arithmetic.
-  V block_grad[kFlushEvery], block_denom[kFlushEvery];
-  int pending = 0;  // vectors in the current block
-  int64_t nonfinite = 0;
+  SimdStats<V> stats;
   const V infinity(std::numeric_limits<O>::infinity());
-
-  auto flush = [&]() {
-    if (C10_UNLIKELY(acc[k_grad_sumsq].has_inf_nan())) {  // some g is ±inf/NaN (or g² overflowed)
-      for (int b = 0; b < pending; ++b) {
-        alignas(64) O lanes[V::size()];
-        block_grad[b].store(lanes);
-        for (int l = 0; l < V::size(); ++l) nonfinite += ia_nonfinite(lanes[l]) != O(0);
-      }
-    }
-    if (C10_UNLIKELY(acc[k_eff_lr_sum].has_inf_nan())) {  // a denominator the estimate cannot take
-      V exact(O(0));
-      for (int b = 0; b < pending; ++b) exact += V(O(1)) / block_denom[b];
-      acc[k_eff_lr_sum] = exact;
-    }
-    for (int s = 0; s < kNumStats; ++s) {
-      if (s == k_eff_lr_max || s == k_nonfinite_grads) continue;
-      total[s].add(acc[s]);
-      acc[s] = V(O(0));
-    }
-    pending = 0;
-  };
 
   // One SIMD step of n elements at i; kTail: n < IO::kStep (only the last step of a range), so
   // the full steps carry no length checks or masks.
@@ -361,12 +403,9 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
           p[j] = V::blendv(zero, p[j], lane_valid);
           if constexpr (kPrevDot) prev[j] = V::blendv(zero, prev[j], lane_valid);
         }
-        accumulate_stats_cpu<kPrevDot>(acc, g[j], m[j], moment[j], denom[j], delta, p[j], prev[j]);
-        block_grad[pending] = g[j];
-        block_denom[pending] = denom[j];
-        ++pending;
+        contribute<kPrevDot>(stats, Observed<V>{g[j], m[j], moment[j], denom[j], delta, p[j], prev[j]});
+        stats.next_vector();
       }
-      if (pending == kFlushEvery) flush();
     }
   };
 
@@ -386,18 +425,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   }
   if (full_end < end) one_step(std::true_type{}, full_end, end - full_end);
 
-  if constexpr (kStats) {
-    if (pending > 0) flush();
-    for (int s = 0; s < kNumStats; ++s) {
-      if (s != k_eff_lr_max && s != k_nonfinite_grads) out[s] = total[s].sum();
-    }
-    out[k_nonfinite_grads] = static_cast<double>(nonfinite);
-    out[k_eff_lr_sum] *= static_cast<double>(c.step_size);
-    // Divided in the compute type, as the per-element eff_lr would be: bitwise the largest one.
-    out[k_eff_lr_max] = std::isnan(out[k_eff_lr_sum])
-                            ? out[k_eff_lr_sum]
-                            : static_cast<double>(c.step_size / horizontal_min(acc[k_eff_lr_max]));
-  }
+  if constexpr (kStats) stats.finish(c.step_size, out);
 }
 
 template <class scalar_t, Algorithm algo>

@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "../stats_accumulate.h"
 #include "adam_cuda.h"
 
 namespace instrumented_adam::cuda::detail {
@@ -170,13 +171,11 @@ template <class T, Algorithm algo, bool amsgrad, bool kStats, bool kPrev>
 struct ElementStep {
   using O = typename Traits<T>::O;
   Rule<algo, amsgrad, O> rule;
-  ElementCoefficients<O> stats_coeff;  // only step_size is read (accumulate_stats' eff_lr)
   O scale;
   bool unscale;
 
   __device__ __forceinline__ ElementStep(const KernelScalars& s, double lr, float step)
-      : rule(s, lr, step), stats_coeff{}, scale(O(1)), unscale(s.grad_scale != nullptr) {
-    stats_coeff.step_size = rule.step_size();
+      : rule(s, lr, step), scale(O(1)), unscale(s.grad_scale != nullptr) {
     if (unscale) scale = static_cast<O>(*s.grad_scale);
   }
 
@@ -201,15 +200,14 @@ struct ElementStep {
     if constexpr (kStats) {
       const O p_new = Traits<T>::load(p_s);  // the value as stored: Δθ is the change actually applied
       const O prev = kPrev ? Traits<T>::load(prev_s) : O(0);
-      accumulate_stats<kPrev>(acc, g, m, moment, denom, p_new - p_old, p_new, prev, stats_coeff);
+      DirectAccumulator<O> stats{acc, rule.step_size()};
+      contribute<kPrev>(stats, Observed<O>{g, m, moment, denom, p_new - p_old, p_new, prev});
     }
   }
 };
 
-// ---- deterministic block reduction of kNumStats values (sums, and the max of eff_lr_max) ----
-__device__ __forceinline__ double combine(int stat, double a, double b) {
-  return stat == k_eff_lr_max ? ia_maximum(a, b) : a + b;
-}
+// ---- deterministic block reduction of kNumStats values, each combined as the table says ----
+__device__ __forceinline__ double combine(int stat, double a, double b) { return combine_partials(stat, a, b); }
 
 __device__ __forceinline__ double warp_reduce(int stat, double x) {
 #pragma unroll
@@ -218,7 +216,7 @@ __device__ __forceinline__ double warp_reduce(int stat, double x) {
 }
 
 // On return thread 0 holds the block's result in x. The order of every addition is fixed by the
-// block size alone. (0 is the identity of the max too: effective step sizes are >= 0 or NaN.)
+// block size alone. (0 is the identity of every combine kind: stats_table.h, combine_partials.)
 template <int kBlock>
 __device__ __forceinline__ void block_reduce(double (&x)[kNumStats]) {
   constexpr int kWarps = kBlock / 32;
