@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,22 @@ def test_data_dictionary_documents_every_store_column(store):
     with RunStore(store) as s:
         for metric in s.metrics()["name"].unique():
             assert f"| `{metric}` |" in doc
+
+
+def test_report_loads_neither_torch_nor_the_op_library(store):
+    # The analysis layer reads the store only: building a report in a fresh interpreter must not
+    # import torch, the compiled ops, or the demo (which imports both).
+    code = (
+        "import sys\n"
+        "from instrumented_adam.analysis.report import build_report\n"
+        "from instrumented_adam.analysis import health, significance, dictionary\n"
+        f"page = build_report({str(store)!r})\n"
+        "health.check_runs(__import__('instrumented_adam.telemetry.store', fromlist=['RunStore']).RunStore("
+        f"{str(store)!r}))\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('instrumented_adam._C', 'instrumented_adam.demo',"
+        " 'instrumented_adam.core.stats', 'instrumented_adam.core.table', 'instrumented_adam.core._ops'))]\n"
+        "print('BAD', bad)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "BAD []" in done.stdout, done.stdout

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..telemetry.store import KNOWN_HYPERPARAMETERS
 from ..core.figures import (AGGREGATE_KINDS, EPOCH_FIGURE_FORMULAS, KIND_FORMULAS, STEP_FIGURE_FORMULAS, Figure,
                             aggregate_names)
 
@@ -69,6 +70,11 @@ COLUMNS: dict[tuple[str, str], str] = {
     ("*", "beta1"): "β₁ (first-moment decay) in force.",
     ("*", "beta2"): "β₂ (second-moment decay) in force.",
     ("*", "eps"): "ε in force.",
+    # Every numeric setting of a param group is a column (telemetry.capture.flatten_hyperparameters);
+    # booleans are stored as 0/1.
+    ("*", "amsgrad"): "AMSGrad variant on (1) or off (0).",
+    ("*", "maximize"): "1 when the optimizer maximizes the objective.",
+    ("*", "decoupled_weight_decay"): "1 when weight decay is decoupled (AdamW), 0 when added to the gradient (Adam).",
     ("*", "skipped"): "1 when a GradScaler skipped the step (inf/NaN gradients), else 0.",
     ("*", "grad_scale"): "The GradScaler's scale at the step (empty without AMP).",
     ("epochs", "num_steps"): "Optimizer steps in the epoch.",
@@ -151,6 +157,9 @@ def _describe(table: str, column: str) -> str | None:
             return f"The epoch {agg} of `{base}` over the recorded steps."
     if table == "epochs" and column in METRICS:
         return METRICS[column]
+    if column in KNOWN_HYPERPARAMETERS or column == "initial_lr":
+        # Not Adam's alone: each run carries the options its optimizer has (runs.hyperparameter_columns).
+        return f"Hyperparameter `{column}` in force: torch.optim's param-group option of that name (numeric; booleans 0/1)."
     return None
 
 
@@ -181,6 +190,11 @@ def render(columns: Mapping[str, Sequence[str]], metric_columns: Sequence[str] =
         lines += [f"## `{table}`", "", TABLES.get(table, ""), "", "| column | meaning |", "| --- | --- |"]
         for c in cols:
             lines.append(f"| `{c}` | {_describe(table, c) or '(undocumented)'} |")
+        if table in ("steps", "step_groups", "epochs"):
+            # Hyperparameter columns follow the optimizer: list every one a run may carry.
+            for name in (*KNOWN_HYPERPARAMETERS, "initial_lr"):
+                if name not in cols:
+                    lines.append(f"| `{name}` | {_describe(table, name)} (when the run's optimizer has it) |")
         if table == "epochs":
             for m in metric_columns:
                 lines.append(f"| `{m}` | {METRICS[m]} (from `metrics`) |")

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from ..core.figures import label
 from .relations import RunData, correlation_matrix
 from .surfaces import LOSS_SURFACE_KEY, quadratic_mse
 
@@ -148,7 +149,7 @@ def plot_epoch_steps(runs: Sequence[RunData]) -> Figure:
         if "angle_prev_deg" in r.epochs:
             axes[1].plot(r.epochs["epoch"], r.epochs["angle_prev_deg"], color=run_color(i), lw=1.5, marker=".", ms=3)
     _log_if_positive(axes[0], drawn)
-    axes[0].set(xlabel="epoch", ylabel="‖θ_end(k) − θ_end(k−1)‖", title="Epoch step norm")
+    axes[0].set(xlabel="epoch", ylabel=label("step_norm"), title="Epoch step norm")
     axes[1].axhline(90, color="0.4", ls=":", lw=1)
     axes[1].set(xlabel="epoch", ylabel="degrees", title="Angle between consecutive epoch steps", ylim=(0, 180))
     axes[1].set_yticks([0, 45, 90, 135, 180])
@@ -164,8 +165,8 @@ def plot_distance(runs: Sequence[RunData]) -> Figure:
             axes[0].plot(r.epochs["epoch"], r.epochs["distance_from_init"], color=run_color(i), lw=1.5)
         if "param_norm_mean" in r.epochs:
             axes[1].plot(r.epochs["epoch"], r.epochs["param_norm_mean"], color=run_color(i), lw=1.5)
-    axes[0].set(xlabel="epoch", ylabel="‖θ − θ₀‖", title="Distance from initialisation")
-    axes[1].set(xlabel="epoch", ylabel="‖θ‖", title="Parameter norm (epoch mean)")
+    axes[0].set(xlabel="epoch", ylabel=label("distance_from_init"), title="Distance from initialisation")
+    axes[1].set(xlabel="epoch", ylabel=label("param_norm_mean"), title="Parameter norm (epoch mean)")
     _legend(axes[0], runs)
     return fig
 
@@ -190,8 +191,8 @@ def plot_moments(runs: Sequence[RunData]) -> Figure:
     """
     fig, axes = _figure(2, nrows=2, height=3.0)
     panels = (
-        ("grad_norm", "‖g‖", "Gradient norm"),
-        ("exp_avg_norm", "‖m‖", "First moment norm"),
+        ("grad_norm", label("grad_norm"), "Gradient norm"),
+        ("exp_avg_norm", label("exp_avg_norm"), "First moment norm"),
         ("second_moment_mean", "mean of v (Adamax: u)", "Second moment, mean element"),
         ("eff_lr_mean", "lr / (bc1·(√v̂ + ε))", "Effective lr (dotted: largest element)"),
     )
@@ -214,9 +215,9 @@ def plot_step_figures(runs: Sequence[RunData]) -> Figure:
     """Update/parameter ratio and the cosines of the update with the gradient and previous epoch."""
     fig, axes = _figure(3, height=3.2)
     panels = (
-        ("update_to_param", "‖Δθ‖ / ‖θ‖", "Update / parameter ratio"),
-        ("cos_update_grad", "cosine", "cos(update, gradient)"),
-        ("cos_update_prev_epoch", "cosine", "cos(update, prev. epoch step)"),
+        ("update_to_param", label("update_to_param"), "Update / parameter ratio"),
+        ("cos_update_grad", "cosine", label("cos_update_grad")),
+        ("cos_update_prev_epoch", "cosine", label("cos_update_prev_epoch")),
     )
     for ax, (figure, ylabel, title) in zip(axes, panels):
         drawn = []
@@ -292,7 +293,7 @@ def plot_predicted_vs_actual(runs: Sequence[RunData]) -> Figure:
     lim = float(v.max()) * 1.2 if v.size else 1.0
     axes[1].plot([-lim, lim], [-lim, lim], color="0.4", ls=":", lw=1)
     axes[0].set(xlabel="epoch", ylabel="loss change", title="Predicted (solid) and actual (dashed) train-loss change")
-    axes[1].set(xlabel="predicted Σ⟨Δθ, g⟩", ylabel="actual Δ train loss", title="Predicted vs actual, per epoch (dotted: y = x)")
+    axes[1].set(xlabel=label("update_dot_grad"), ylabel="actual Δ train loss", title="Predicted vs actual, per epoch (dotted: y = x)")
     _legend(axes[0], runs, [("-", "predicted"), ("--", "actual")])
     return fig
 

@@ -208,7 +208,7 @@ th { background: #f4f4f6; } td:first-child, th:first-child { text-align: left; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; border-radius: 2px; }
 #load-warning { display: none; background: #fde2e1; border: 1px solid #e0443e; padding: 8px 12px; margin: 12px 0; }
 nav ul { columns: 2; font-size: 0.92em; } .wide { overflow-x: auto; max-width: 100%; }
-.plot { width: 100%; margin: 12px 0 4px; } ul.health li { margin: 4px 0; }
+.plot { width: 100%; margin: 12px 0 4px; } table.runs td:last-child { white-space: normal; min-width: 6em; } ul.health li { margin: 4px 0; }
 .sev-error { color: #a4161a; } .sev-warning { color: #8a5a00; }
 """
 
