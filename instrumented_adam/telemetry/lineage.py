@@ -1,0 +1,260 @@
+"""Lineage: a run's checkpoints, its resume after a crash, and branches from its checkpoints.
+
+What a checkpoint carries for the recorder (``payload["recorder"]``): the run's identity (id,
+name, start time, store path), its position (step, epoch, epoch start, step offset), the epoch in
+progress's running aggregates (O(1), whatever the epoch's length), staged metrics, the
+hyperparameters last in force, and `RunStore.position` of the run taken right after a full
+`RunStore.sync`: what the store durably held when the checkpoint was written.
+
+`resume` takes the run's lease (a second live writer is refused, an expired one taken over only
+with ``takeover=True``), checks that the store still holds what the checkpoint expects
+(`RunStore.verify_position`: refused, or with ``on_gap="mark"`` the missing range is marked in
+the store's gaps), restores model, optimizer and RNG states, and deletes the run's rows beyond the
+checkpoint, so that the store holds exactly what an uninterrupted run writes. `branch` starts a
+child run from a checkpoint, with its parent and branch epoch/step recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .checkpoint import CheckpointError, check_model, load_checkpoint, seed_everything, set_rng_state
+from .store import RunStore, StoreGapError
+from .writer import STEP_FIGURES, EpochAggregates
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
+
+#: What `resume` does when the store lacks rows the checkpoint expects.
+ON_GAP = ("refuse", "mark")
+
+# Hyperparameter order of checkpoints written before the columns were generic (version 1 rows).
+_LEGACY_HYPER_NAMES = ("lr", "weight_decay", "beta1", "beta2", "eps")
+
+
+def check_fits(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, load_optimizer: bool) -> None:
+    """Raises CheckpointError when the checkpoint's model or optimizer state does not fit; changes nothing."""
+    if ckpt.get("model") is not None:
+        if model is None:
+            raise CheckpointError("the checkpoint holds a model state: pass the model to restore it")
+        check_model(ckpt["model_fingerprint"], model)
+    elif model is not None:
+        raise CheckpointError("the checkpoint holds no model state (it was saved without a model)")
+    check_state = getattr(optimizer, "_check_state_dict", None)  # our optimizers validate without loading
+    if load_optimizer and callable(check_state):
+        try:
+            check_state(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"the checkpoint's optimizer state ({ckpt.get('optimizer_class')}) does not fit this "
+                f"{type(optimizer).__name__}: {e}"
+            ) from e
+
+
+def load_into(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module | None, load_optimizer: bool) -> None:
+    """Validates everything first, then loads: a mismatch leaves model and optimizer untouched."""
+    check_fits(ckpt, optimizer, model, load_optimizer)
+    if load_optimizer:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])  # validates before it changes anything
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"the checkpoint's optimizer state ({ckpt.get('optimizer_class')}) does not fit this "
+                f"{type(optimizer).__name__}: {e}"
+            ) from e
+    if model is not None:
+        model.load_state_dict(ckpt["model"])
+
+
+def saved_hyper(position: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]] | None:
+    """(names, per-group values) of the hyperparameters last in force, from a checkpoint position."""
+    last = position.get("last_hyper")
+    if last is None:
+        return None
+    if isinstance(last, Mapping):
+        return tuple(last["names"]), tuple(tuple(v) for v in last["values"])
+    return _LEGACY_HYPER_NAMES, tuple(tuple(v) for v in last)
+
+
+def own_step_count(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer's step count as its per-parameter state says (``state[p]["step"]``).
+
+    After loading a checkpoint of another optimizer class (``torch.optim.AdamW`` at step 300)
+    the instrumented optimizer's own counter may start at 0 while its state (and its bias
+    corrections) continue from 300: the recorder numbers steps from the state. Read once, when
+    a recorder starts (a host read of the step tensors).
+    """
+    best = 0
+    for state in optimizer.state.values():
+        step = state.get("step") if isinstance(state, Mapping) else None
+        if step is None:
+            continue
+        value = float(step) if not torch.is_tensor(step) else float(step.detach().reshape(-1)[0])
+        if math.isfinite(value):
+            best = max(best, int(value))
+    return best
+
+
+def _mark_gap(store: RunStore, run_id: int, expected: Mapping[str, Any], error: StoreGapError) -> None:
+    """Marks what the store lacks of a checkpoint's position: steps and epochs after what it holds."""
+    held = store.position(run_id)
+
+    def after(have: int | None, want: int | None) -> tuple[int | None, int | None]:
+        if want is None:
+            return None, None
+        start = (min(have, want) + 1) if have is not None else 0
+        return (start, want) if start <= want else (want, want)  # rows differ inside the range
+
+    from_step, to_step = after(held["last_step"], expected.get("last_step"))
+    from_epoch, to_epoch = after(held["last_epoch"], expected.get("last_epoch"))
+    store.mark_gap(run_id, from_step=from_step, to_step=to_step, from_epoch=from_epoch, to_epoch=to_epoch,
+                   reason=f"resumed with on_gap='mark': {error}")
+
+
+def resume(
+    cls: type["Recorder"],
+    checkpoint: str | Path,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    store: RunStore | str | Path | None = None,
+    *,
+    map_location: Any = "cpu",
+    tensorboard: str | Path | None = None,
+    takeover: bool = False,
+    on_gap: str = "refuse",
+) -> "Recorder":
+    """See `Recorder.resume`."""
+    if on_gap not in ON_GAP:
+        raise ValueError(f"on_gap must be one of {ON_GAP}, got {on_gap!r}")
+    ckpt = load_checkpoint(checkpoint, map_location=map_location)
+    position = ckpt["recorder"]
+    if list(position["step_figures"]) != list(STEP_FIGURES):
+        raise CheckpointError(
+            f"the checkpoint was written with step figures {position['step_figures']}, this version records "
+            f"{list(STEP_FIGURES)}: finish the run with the version that started it"
+        )
+    owns_store = not isinstance(store, RunStore)
+    store_obj = store if not owns_store else RunStore(store if store is not None else position["store"])
+    run_id = int(position["run_id"])
+    leased = False
+    try:
+        run = store_obj.conn.execute("SELECT name, started_at FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if run is None or tuple(run) != (position["run_name"], position["started_at"]):
+            raise CheckpointError(
+                f"run {run_id} ({position['run_name']!r}, started {position['started_at']}) of this "
+                f"checkpoint is not in {store_obj.path}: pass the store the run was recorded in"
+            )
+        check_fits(ckpt, optimizer, model, load_optimizer=True)  # a wrong checkpoint is told first
+        # Before anything changes: a run another live process writes is refused here.
+        store_obj.acquire_lease(run_id, takeover=takeover)
+        leased = True
+        expected = position.get("store_position")
+        if expected is not None:  # checkpoints written before positions were recorded have none
+            try:
+                store_obj.verify_position(run_id, expected, option="on_gap='mark'")
+            except StoreGapError as e:
+                if on_gap == "refuse":
+                    raise
+                _mark_gap(store_obj, run_id, expected, e)
+        load_into(ckpt, optimizer, model, load_optimizer=True)
+        if optimizer.steps_done + position["step_offset"] != position["step"]:
+            raise CheckpointError("the optimizer's step counter does not match the checkpoint's position")
+        set_rng_state(ckpt["rng"])
+        rec = cls.__new__(cls)
+        rec._setup(optimizer, store_obj, model, position["step_every"], position["flush_every"], tensorboard, owns_store)
+    except BaseException:
+        if leased:
+            store_obj.release_lease(run_id)
+        if owns_store:
+            store_obj.close()
+        raise
+    rec.run_id = run_id
+    rec.run_name = position["run_name"]
+    rec._step_offset = int(position["step_offset"])
+    rec._epoch = int(position["epoch"])
+    rec._epoch_start_step = int(position["epoch_start_step"])
+    rec._staged_metrics = dict(position["staged_metrics"])
+    hyper = saved_hyper(position)
+    if hyper is not None:
+        rec._saved_hyper = hyper
+    rec.extra = ckpt.get("extra")
+    rec._start_writer()
+    if "epoch_aggregates" in position:
+        rec._writer.aggregates = EpochAggregates.from_state(position["epoch_aggregates"])
+    elif "epoch_figures" in position:  # a checkpoint of the version that kept every step's figures
+        rec._writer.aggregates = EpochAggregates.from_figures(position["epoch_figures"].cpu().double().numpy())
+    # With the store's position, late metrics logged after the checkpoint go too.
+    rec.store.truncate_run(rec.run_id, step=int(position["step"]), epoch=rec._epoch, position=expected)
+    if position.get("diverged"):  # it had diverged before the checkpoint: still so
+        rec._writer.mark_diverged(position["diverged"])
+    # (again) the checkpoint resumed from: a crash may have come between its file and its row
+    rec.store.record_checkpoint(rec.run_id, int(position["step"]), rec._epoch, checkpoint)
+    rec._attach()
+    return rec
+
+
+def branch(
+    cls: type["Recorder"],
+    checkpoint: str | Path,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    store: RunStore | str | Path | None = None,
+    *,
+    run_name: str,
+    overrides: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    load_optimizer_state: bool = True,
+    seed: int | None = None,
+    map_location: Any = "cpu",
+    **kwargs: Any,
+) -> "Recorder":
+    """See `Recorder.branch`."""
+    ckpt = load_checkpoint(checkpoint, map_location=map_location)
+    position = ckpt["recorder"]
+    owns_store = not isinstance(store, RunStore)
+    store_obj = store if not owns_store else RunStore(store if store is not None else position["store"], create=False)
+    try:
+        parent = store_obj.run_info(position["run_id"])
+        for key in overrides or {}:
+            missing = [g for g, group in enumerate(optimizer.param_groups) if key not in group]
+            if missing:
+                raise KeyError(f"override {key!r} is not a setting of {type(optimizer).__name__}'s param groups")
+        load_into(ckpt, optimizer, model, load_optimizer=load_optimizer_state)
+        for group in optimizer.param_groups:
+            group.update(overrides or {})
+        if seed is not None:
+            seed_everything(seed)
+        else:
+            set_rng_state(ckpt["rng"])
+        if hyperparameters is None:
+            hyperparameters = {**(parent["hyperparameters"] or {}), **(overrides or {})}
+        rec = cls.__new__(cls)
+        rec._setup(
+            optimizer, store_obj, model, kwargs.pop("step_every", position["step_every"]),
+            kwargs.pop("flush_every", position["flush_every"]), kwargs.pop("tensorboard", None), owns_store,
+        )
+        rec._step_offset = int(position["step"]) - int(optimizer.steps_done)
+        rec._epoch = int(position["epoch"])
+        rec._epoch_start_step = int(position["step"])
+        rec.extra = ckpt.get("extra")
+        version = kwargs.pop("code_version", None)
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+        rec.run_id = rec._create_run(
+            run_name, hyperparameters, seed if seed is not None else parent["seed"], position["run_id"],
+            int(position["epoch"]), version, branch_step=int(position["step"]),
+        )
+    except BaseException:
+        if owns_store:
+            store_obj.close()
+        raise
+    rec._start_writer()
+    rec._attach()
+    return rec
+
+
+__all__ = ["resume", "branch", "load_into", "own_step_count", "saved_hyper", "ON_GAP"]
