@@ -213,3 +213,31 @@ def test_user_errors_in_a_fresh_process(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().endswith(f"error: no run store at {tmp_path / 'missing.sqlite'}")
+
+
+def test_a_branch_shows_the_steps_it_ran_and_the_configured_lr(tmp_path, capsys):
+    # A branch from step 30 (epoch 3) that ran to step 50: 'runs' and the report show 20 steps.
+    # Its first step was a warm-up step at a tenth of the lr: 'lr (start)' shows the configured lr.
+    from instrumented_adam.telemetry.store import RunStore
+
+    path = tmp_path / "b.sqlite"
+    with RunStore(path, create=True) as store:
+        parent = store.create_run("parent", optimizer="Adam", optimizer_config=[{"lr": 1e-3}])
+        for epoch in range(3):
+            store.write_epoch(parent, {"epoch": epoch, "step": 10 * (epoch + 1), "num_steps": 10, "recorded_steps": 10, "wall_time": 1.0, "lr": 1e-3})
+        store.set_status(parent, "finished")
+        child = store.create_run("child", optimizer="Adam", parent_run=parent, branch_epoch=3, branch_step=30,
+                                 optimizer_config=[{"lr": 1e-4, "initial_lr": 2e-3}])
+        for epoch in (3, 4):
+            store.write_epoch(child, {"epoch": epoch, "step": 10 * (epoch + 1), "num_steps": 10, "recorded_steps": 10, "wall_time": 1.0, "lr": 2e-4})
+        store.set_status(child, "finished")
+    status, out, _ = run_main(["runs", str(path)], capsys)
+    assert status == 0
+    rows = {line.split()[1]: line.split() for line in out.splitlines()[1:]}
+    # (no task: the empty task cell drops out of the split) epochs, steps:
+    assert rows["parent"][4:6] == ["3", "30"] and rows["child"][4:6] == ["2", "20"]
+    from instrumented_adam.analysis.report import build_report
+
+    page = build_report(path, permutations=9)
+    child_row = page.split("2:child</td>", 1)[1].split("</tr>", 1)[0]
+    assert "<td>0.002</td>" in child_row and "<td>20</td>" in child_row and "run 1, epoch 3" in child_row
