@@ -329,6 +329,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Trained {len(run_ids)} run(s) in {train_time:.1f} s; store: {store_path.resolve()}")
     for run_id in run_ids:
         print("  " + _final_line(store, run_id, least_squares))
+    from ..analysis import health
+
+    worrying = [h for h in health.check_runs(store, run_ids) if h.worst() in ("error", "warning")]
+    for h in worrying:  # the same findings the report opens with; `check` prints them all
+        print(h.text())
     if args.no_report:
         store.close()
         print(f"Report skipped (--no-report); write it with: {PROG} report {store_path}")
