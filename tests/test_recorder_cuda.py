@@ -62,3 +62,41 @@ def test_no_host_synchronisation_in_the_steps(tmp_path):
     steps = RunStore(tmp_path / "s.sqlite").steps("s")
     assert steps["step"].tolist() == list(range(1, 13))
     np.testing.assert_allclose(steps["lr"], 1e-3, rtol=1e-6)
+
+
+def test_skipped_amp_steps_on_cuda_without_host_synchronisation(tmp_path):
+    """GradScaler on CUDA: its skip flag and scale are cloned on the device in the step hook (no
+    sync) and read when the block lands; a skipped step is recorded as skipped, NaN figures (its
+    non-finite element count is not measured on CUDA: the kernel skips the pass)."""
+    model = _model()
+    opt = ia.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    rec = Recorder(opt, tmp_path / "a.sqlite", run_name="amp", flush_every=3)
+    x = torch.randn(8, 16, device="cuda")
+
+    def one_step(poison: bool) -> None:
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+
+    one_step(False)  # warm-up outside the checked region
+    scaler.update()
+    rec.flush()
+    torch.cuda.synchronize()
+    for i in range(4):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            one_step(i == 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()  # GradScaler's own update (it may read the flag itself)
+    rec.end_epoch()
+    rec.close()
+    with RunStore(tmp_path / "a.sqlite") as store:
+        s = store.steps("amp")
+        assert s["skipped"].tolist() == [0, 0, 1, 0, 0]
+        assert s["grad_scale"].tolist() == [1024.0, 1024.0, 1024.0, 512.0, 512.0]
+        assert np.isnan(s["grad_norm"].iloc[2]) and (s["grad_norm"].drop(index=2) > 0).all()
+        assert store.epochs("amp")["skipped_steps"].tolist() == [1]

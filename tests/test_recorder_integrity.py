@@ -192,7 +192,9 @@ def test_the_recorder_holds_the_runs_lease_until_close(tmp_path):
         assert store.lease("r") is not None
     model2 = make_model()
     with pytest.raises(RunLeaseError, match="is held by writer"):
-        Recorder.resume(ckpt, ia.Adam(model2.parameters()), model2)
+        Recorder.resume(ckpt, ia.Adam(model2.parameters()), model2, takeover=False)
+    with pytest.raises(RunLeaseError, match="is held by writer"):  # a live holder: takeover does not help
+        Recorder.resume(ckpt, ia.Adam(model2.parameters()), model2, takeover=True)
     steps(model, opt, 2)
     rec.close()  # the first writer was not disturbed
     with RunStore(db) as store:
