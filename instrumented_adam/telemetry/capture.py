@@ -92,16 +92,23 @@ class HyperparameterLayout:
 
     def values(self, group: Mapping[str, Any]) -> tuple[Any, ...]:
         """This group's values in column order (NaN where it lacks one); tensors are cloned (a
-        device op: their value at this step), so the step does not have to be read now."""
+        device op: their value at this step), so the step does not have to be read now. A tuple
+        holding tensors is a `_WithTensors` (so the writer finds them without looking)."""
         out = []
+        tensors = False
         for key, index in self.sources:
             value = group.get(key, math.nan)
             if index is not None:
                 value = value[index] if isinstance(value, tuple) and index < len(value) else math.nan
             if isinstance(value, Tensor):
                 value = value.detach().clone() if value.numel() == 1 else math.nan
+                tensors = True
             out.append(value)
-        return tuple(out)
+        return _WithTensors(out) if tensors else tuple(out)
+
+
+class _WithTensors(tuple):
+    """Hyperparameter values of a group of which some are (cloned) tensors: marks the rare case cheaply."""
 
 
 @dataclass
@@ -216,7 +223,7 @@ class StepCapture:
             self._new_context(stats.values, (stats.numel, stats.groups, stats.num_groups, stats.prev_step_sumsq))
         self.ring[self._fill].copy_(stats.values)
         found_inf, grad_scale, nonfinite, amp_tensors = _amp_state(optimizer)
-        has_tensors = amp_tensors or any(isinstance(v, Tensor) for hp in hyper for v in hp)
+        has_tensors = amp_tensors or any([type(hp) is _WithTensors for hp in hyper])
         self._meta.append(StepMeta(step, epoch, hyper, found_inf, grad_scale, nonfinite, has_tensors))
         self._fill += 1
         if self._fill == self.ring.shape[0]:
