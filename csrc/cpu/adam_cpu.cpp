@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../op_checks.h"
+#include "../adam_step_call.h"
 #include "kernel_args.h"
 
 namespace instrumented_adam::cpu {
@@ -75,57 +75,42 @@ ProcessItems select_isa() {
   return chosen;
 }
 
-void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList second_moments, at::TensorList max_second_moments,
-                    at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
-                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
-                    double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
-                    at::IntArrayRef stat_rows) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  check_list_lengths(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
-                     stat_rows, algorithm, amsgrad);
-  const auto algo = static_cast<Algorithm>(algorithm);
-  amsgrad = amsgrad && algo != Algorithm::kAdamax;
+void adam_step_cpu(const AdamStepCall& call) {
+  const int64_t n = call.size();
+  const Algorithm algo = call.algorithm;
+  const bool amsgrad = call.amsgrad;
+  double lr = call.lr;
   const at::Device device(at::kCPU);
 
   double* stats_data = nullptr;
   int64_t stats_rows_total = 0;
-  if (stats.has_value()) {
-    stats_rows_total = check_stats_buffer(*stats, device, n, stat_rows);
-    stats_data = stats->data_ptr<double>();
+  if (call.stats.has_value()) {
+    stats_rows_total = check_stats_buffer(*call.stats, device, n, call.stat_rows);
+    stats_data = call.stats->data_ptr<double>();
   }
 
   // AMP (GradScaler): the kernel divides each gradient by grad_scale and stores it back.
   const float* grad_scale_ptr = nullptr;
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1 && grad_scale->device().is_cpu(),
+  if (call.grad_scale.has_value()) {
+    TORCH_CHECK(call.grad_scale->scalar_type() == at::kFloat && call.grad_scale->numel() == 1 && call.grad_scale->device().is_cpu(),
                 "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
-    grad_scale_ptr = grad_scale->data_ptr<float>();
+    grad_scale_ptr = call.grad_scale->data_ptr<float>();
   }
-  const bool skip_step = found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0;
-  if (lr_tensor.has_value()) lr = read_scalar(*lr_tensor, "lr");
+  const bool skip_step = call.found_inf.has_value() && read_scalar(*call.found_inf, "found_inf") != 0;
+  if (call.lr_tensor.has_value()) lr = read_scalar(*call.lr_tensor, "lr");
 
   std::vector<TensorArgs> tensors(n);
   std::vector<WorkItem> items;
   std::vector<int64_t> item_starts;  // element offset of each item in the whole call, for balancing
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_parameter(p, i, device, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, amsgrad);
-    const at::Tensor& step_t = state_steps[i];
+    call.check_parameter(i, device);
+    const at::Tensor& step_t = call.state_steps[i];
     TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
                     (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
                 "instrumented_adam: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
     TensorArgs& t = tensors[i];
-    t.param = p.data_ptr();
-    t.grad = grads[i].data_ptr();
-    t.exp_avg = exp_avgs[i].data_ptr();
-    t.second = second_moments[i].data_ptr();
-    t.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
-    t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].data_ptr();
-    t.numel = p.numel();
-    t.dtype = kernel_dtype<DType>(p);
+    call.describe_parameter(i, t);
     for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
       items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
       item_starts.push_back(total + begin);
@@ -139,7 +124,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (stats_data) std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
   if (skip_step) return;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& step_t = state_steps[i];
+    const at::Tensor& step_t = call.state_steps[i];
     double step;
     if (step_t.scalar_type() == at::kFloat) {
       float* s = step_t.data_ptr<float>();
@@ -148,17 +133,17 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
       double* s = step_t.data_ptr<double>();
       step = *s += 1.0;
     }
-    const StepScalars scalars{lr, beta1, beta2, eps, weight_decay, step};
-    tensors[i].coeff_float = make_coefficients<float>(scalars, maximize, amsgrad);
-    tensors[i].coeff_double = make_coefficients<double>(scalars, maximize, amsgrad);
-    if (algo == Algorithm::kAdamax && lr_tensor.has_value()) {
-      adamax_tensor_lr_step_size(lr_tensor->scalar_type(), lr, beta1, step, tensors[i]);
+    const StepScalars scalars{lr, call.beta1, call.beta2, call.eps, call.weight_decay, step};
+    tensors[i].coeff_float = make_coefficients<float>(scalars, call.maximize, amsgrad);
+    tensors[i].coeff_double = make_coefficients<double>(scalars, call.maximize, amsgrad);
+    if (algo == Algorithm::kAdamax && call.lr_tensor.has_value()) {
+      adamax_tensor_lr_step_size(call.lr_tensor->scalar_type(), lr, call.beta1, step, tensors[i]);
     }
   }
 
   const int64_t num_items = static_cast<int64_t>(items.size());
   std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
-  KernelArgs args{algo,           amsgrad,          stats_data != nullptr, !prev_epoch_steps.empty(),
+  KernelArgs args{algo,           amsgrad,          stats_data != nullptr, !call.prev_epoch_steps.empty(),
                   grad_scale_ptr, tensors.data(), items.data(),          item_stats.data()};
   const auto process_items = select_isa();
   // Threads get equal element ranges; each processes the items that start in its range, so
@@ -172,7 +157,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   if (stats_data) {
     for (int64_t k = 0; k < num_items; ++k) {
       const int64_t tensor = items[k].tensor;
-      double* row = stats_data + (stat_rows.empty() ? tensor : stat_rows[tensor]) * kNumStats;
+      double* row = stats_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kNumStats;
       const double* partial = item_stats.data() + k * kNumStats;
       for (int s = 0; s < kNumStats; ++s) {
         // A tensor's first item starts its row; later ones combine as the table says.
@@ -185,7 +170,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instrumented_adam, CPU, m) {
-  m.impl("adam_step", &adam_step_cpu);
+  m.impl("adam_step", &adam_step_entry<adam_step_cpu>);
 }
 
 }  // namespace instrumented_adam::cpu

@@ -5,20 +5,14 @@
 #include <cstdint>
 
 #include "../adam_math.h"
+#include "../kernel_tensor.h"
 
 namespace instrumented_adam::cpu {
 
-enum class DType : int8_t { kFloat, kDouble, kBFloat16, kHalf };
+using instrumented_adam::DType;
 
-struct TensorArgs {
-  void* param;
-  void* grad;
-  void* exp_avg;
-  void* second;            // exp_avg_sq (Adam/AdamW) or exp_inf (Adamax)
-  void* max_second;        // max_exp_avg_sq (amsgrad) or null
-  const void* prev_step;   // previous epoch's step s_{k-1} (same dtype as param) or null
-  int64_t numel;
-  DType dtype;
+// One parameter: its pointers (kernel_tensor.h) and the step's coefficients in the compute type.
+struct TensorArgs : ParameterPointers {
   ElementCoefficients<float> coeff_float;    // used for fp32, bf16 and fp16 parameters
   ElementCoefficients<double> coeff_double;  // used for fp64 parameters
 };

@@ -19,7 +19,7 @@
 #include <optional>
 #include <vector>
 
-#include "../op_checks.h"
+#include "../adam_step_call.h"
 #include "adam_cuda.h"
 
 namespace instrumented_adam::cuda {
@@ -39,50 +39,43 @@ int64_t env_limit(const char* name) {
   return value == nullptr ? 0 : std::max<int64_t>(0, std::atoll(value));
 }
 
-void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList second_moments, at::TensorList max_second_moments,
-                     at::TensorList prev_epoch_steps, at::TensorList state_steps, int64_t algorithm, double lr,
-                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
-                     double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
-                     at::IntArrayRef stat_rows) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  check_list_lengths(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
-                     stat_rows, algorithm, amsgrad);
-  const auto algo = static_cast<Algorithm>(algorithm);
-  amsgrad = amsgrad && algo != Algorithm::kAdamax;
+void adam_step_cuda(const AdamStepCall& call) {
+  const int64_t n = call.size();
+  const Algorithm algo = call.algorithm;
+  const bool amsgrad = call.amsgrad;
+  double lr = call.lr;
 
   // The device of the call: the parameters' (or, with no parameters, the statistics buffer's).
-  const at::Device device = n > 0 ? params[0].device() : (stats.has_value() ? stats->device() : at::Device(at::kCUDA));
+  const at::Device device = n > 0 ? call.params[0].device() : (call.stats.has_value() ? call.stats->device() : at::Device(at::kCUDA));
   TORCH_CHECK(device.is_cuda(), "instrumented_adam: the CUDA kernel got tensors on ", device);
   c10::cuda::CUDAGuard guard(device);
 
   CallArgs args{};
   args.algorithm = algo;
   args.amsgrad = amsgrad;
-  args.maximize = maximize;
+  args.maximize = call.maximize;
   args.lr = lr;
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.weight_decay = weight_decay;
-  args.eps = eps;
+  args.beta1 = call.beta1;
+  args.beta2 = call.beta2;
+  args.weight_decay = call.weight_decay;
+  args.eps = call.eps;
 
-  if (stats.has_value()) {
-    const at::Tensor& s = *stats;
-    args.stats_rows = check_stats_buffer(s, device, n, stat_rows);
+  if (call.stats.has_value()) {
+    const at::Tensor& s = *call.stats;
+    args.stats_rows = check_stats_buffer(s, device, n, call.stat_rows);
     args.stats = s.data_ptr<double>();
     args.stats_rows_cover_all = args.stats_rows == n;
   }
 
   // AMP (GradScaler): both read on the device; a found_inf step changes nothing but the statistics
   // (zeros), exactly as torch's fused optimizers skip it.
-  if (grad_scale.has_value()) args.grad_scale = device_scalar(*grad_scale, device, "grad_scale");
-  if (found_inf.has_value()) args.found_inf = device_scalar(*found_inf, device, "found_inf");
+  if (call.grad_scale.has_value()) args.grad_scale = device_scalar(*call.grad_scale, device, "grad_scale");
+  if (call.found_inf.has_value()) args.found_inf = device_scalar(*call.found_inf, device, "found_inf");
 
   // lr as a tensor: on the device it is read by the kernels; a CPU tensor is read here, which does
   // not synchronise with the GPU (torch's fused Adam does the same).
-  if (lr_tensor.has_value()) {
-    const at::Tensor& t = *lr_tensor;
+  if (call.lr_tensor.has_value()) {
+    const at::Tensor& t = *call.lr_tensor;
     TORCH_CHECK(t.numel() == 1, "instrumented_adam: lr must be a one-element tensor, got shape ", t.sizes());
     switch (t.scalar_type()) {
       case at::kFloat: args.lr_source = LrSource::kFloat; break;
@@ -102,26 +95,18 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 
   std::vector<HostTensor> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check_parameter(p, i, device, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, amsgrad);
-    const at::Tensor& step_t = state_steps[i];
+    call.check_parameter(i, device);
+    const at::Tensor& step_t = call.state_steps[i];
     TORCH_CHECK(step_t.numel() == 1 && step_t.device() == device && step_t.scalar_type() == at::kFloat,
                 "instrumented_adam: state_steps[", i, "] must be a one-element float32 tensor on ", device, " (got ",
                 step_t.scalar_type(), " on ", step_t.device(), "), as torch's fused Adam keeps it");
 
     HostTensor& h = tensors[static_cast<size_t>(i)];
-    h.param = p.data_ptr();
-    h.grad = grads[i].data_ptr();
-    h.exp_avg = exp_avgs[i].data_ptr();
-    h.second = second_moments[i].data_ptr();
-    h.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
-    h.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].const_data_ptr();
     h.step = step_t.data_ptr<float>();
-    h.numel = p.numel();
-    h.stats_row = stat_rows.empty() ? i : stat_rows[i];
-    h.dtype = kernel_dtype<DType>(p);
+    call.describe_parameter(i, h);
+    h.stats_row = call.stat_rows.empty() ? i : call.stat_rows[i];
   }
-  args.prev_dot = args.stats != nullptr && !prev_epoch_steps.empty();
+  args.prev_dot = args.stats != nullptr && !call.prev_epoch_steps.empty();
 
   // Everything is validated: only now allocate and launch (a bad argument leaves the state untouched).
   at::Tensor partials;
@@ -140,7 +125,7 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(instrumented_adam, CUDA, m) {
-  m.impl("adam_step", &adam_step_cuda);
+  m.impl("adam_step", &adam_step_entry<adam_step_cuda>);
 }
 
 }  // namespace instrumented_adam::cuda

@@ -9,10 +9,11 @@
 #include <cstdint>
 
 #include "../adam_math.h"
+#include "../kernel_tensor.h"
 
 namespace instrumented_adam::cuda {
 
-enum class DType : int8_t { kFloat, kDouble, kBFloat16, kHalf };
+using instrumented_adam::DType;
 
 // What lr is: the float `lr` argument (kHost), or an lr_tensor of this dtype (read on the device
 // through lr_ptr, or, for a CPU tensor, already read into `lr`). Adamax's step size depends on it.
@@ -33,17 +34,9 @@ constexpr int kMaxTensorsPerLaunch = 128;
 constexpr int kMaxFinalizePerLaunch = 640;
 
 // One parameter as the glue sees it (all pointers on one device; absent ones null).
-struct HostTensor {
-  void* param;
-  void* grad;
-  void* exp_avg;
-  void* second;           // exp_avg_sq (Adam/AdamW) or exp_inf (Adamax)
-  void* max_second;       // max_exp_avg_sq (amsgrad) or null
-  const void* prev_step;  // previous epoch's step s_{k-1} (same dtype) or null
-  float* step;            // the state step (float32, on the device); incremented unless found_inf
-  int64_t numel;
+struct HostTensor : ParameterPointers {
+  float* step;        // the state step (float32, on the device); incremented unless found_inf
   int64_t stats_row;  // row of the statistics buffer this tensor writes
-  DType dtype;
 };
 
 // The call-wide arguments.
