@@ -258,5 +258,45 @@ def test_branch_from_a_checkpoint(tmp_path):
     assert RunStore(db).steps("s-adamax")["step"].tolist() == [4]
 
 
+def test_a_mid_epoch_checkpoint_of_the_previous_recorder_resumes(tmp_path):
+    """Checkpoints written before the recorder's split carry every step's figures of the epoch in
+    progress ("epoch_figures") and Adam's hyperparameters as a list, and no store position: they
+    resume, and the epoch row aggregates the old steps with the new ones."""
+    from instrumented_adam.telemetry.checkpoint import atomic_save, load_checkpoint
+
+    db, ckpt = tmp_path / "s.sqlite", tmp_path / "mid.pt"
+    torch.manual_seed(0)
+    model = make_model()
+    opt = ia.Adam(model.parameters(), lr=1e-3)
+    rec = Recorder(opt, db, run_name="old", model=model)
+    for _ in range(3):
+        model(torch.randn(4, 10)).sum().backward()
+        opt.step()
+    rec.save_checkpoint(ckpt, model)
+    rec.close("failed")
+    payload = load_checkpoint(ckpt)
+    position = payload["recorder"]
+    with RunStore(db) as store:
+        figures = store.steps("old")[list(position["step_figures"])].to_numpy()
+    for key in ("epoch_aggregates", "store_position", "diverged"):
+        del position[key]
+    position["epoch_figures"] = torch.from_numpy(figures)
+    position["last_hyper"] = [[1e-3, 0.0, 0.9, 0.999, 1e-8]]
+    atomic_save(payload, ckpt)
+    model = make_model()
+    opt = ia.Adam(model.parameters(), lr=1e-3)
+    rec = Recorder.resume(ckpt, opt, model, db)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    row = rec.end_epoch()
+    rec.close()
+    with RunStore(db) as store:
+        steps = store.steps("old")
+        assert steps["step"].tolist() == [1, 2, 3, 4]
+        assert row["recorded_steps"] == 4
+        assert row["grad_norm_mean"] == pytest.approx(steps["grad_norm"].mean(), rel=1e-12)
+        assert row["grad_norm_max"] == steps["grad_norm"].max()
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "train":
     train(**json.loads(sys.argv[2]))
