@@ -317,3 +317,29 @@ def test_report_loads_neither_torch_nor_the_op_library(store):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "BAD []" in done.stdout, done.stdout
+
+
+def test_task_metric_panels_are_drawn(tmp_path):
+    """A task's own figures of merit (the vertex finder's efficiency and false positives per event)
+    appear as their own figure when the run names them under EPOCH_METRIC_PANELS_KEY; the report of
+    a run that names none has no such figure."""
+    from instrumented_adam.analysis.interactive import EPOCH_METRIC_PANELS_KEY
+
+    path = tmp_path / "s.sqlite"
+    model = torch.nn.Linear(3, 1)
+    import instrumented_adam as ia
+
+    opt = ia.Adam(model.parameters(), lr=1e-2)
+    panel = {"title": "Vertex finding (validation events)",
+             "metrics": {"val_efficiency": "efficiency", "val_false_positives": "false positives / event"}}
+    with Recorder(opt, path, run_name="pv", model=model, hyperparameters={EPOCH_METRIC_PANELS_KEY: [panel]}) as rec:
+        for epoch in range(3):
+            model.weight.grad = torch.randn_like(model.weight)
+            model.bias.grad = torch.randn_like(model.bias)
+            opt.step()
+            rec.end_epoch(train_loss=1.0 / (epoch + 1), val_efficiency=0.5 + 0.1 * epoch, val_false_positives=0.9)
+    page = build_report(path)
+    assert "Vertex finding (validation events)" in page
+    assert "pv val_efficiency" in page and "false positives / event" in page
+    train_task("linreg", TrainConfig(epochs=2), tmp_path / "plain.sqlite", run_name="lin")
+    assert "Vertex finding" not in build_report(tmp_path / "plain.sqlite")

@@ -144,6 +144,42 @@ def figure_losses(runs: Sequence[RunData]) -> dict:
     return {"data": data, "layout": layout}
 
 
+#: Key of a run's hyperparameters under which its task names epoch metrics to draw together (the
+#: task's own outcome beside the optimizer's figures):
+#: ``[{"title": str, "metrics": {metric column: axis label}}]``.
+EPOCH_METRIC_PANELS_KEY = "epoch_metric_panels"
+
+
+def metric_panels(runs: Sequence[RunData]) -> list[dict]:
+    """The distinct metric panels the runs ask for, in first-seen order."""
+    panels: list[dict] = []
+    for r in runs:
+        for panel in r.hyperparameters.get(EPOCH_METRIC_PANELS_KEY) or []:
+            if panel not in panels:
+                panels.append(panel)
+    return panels
+
+
+def figure_metric_panel(runs: Sequence[RunData], panel: dict) -> dict:
+    """One subplot per metric of `panel` (e.g. vertex-finding efficiency and false positives per
+    event), one line per run that logged it."""
+    metrics = dict(panel.get("metrics") or {})
+    titles = [text(label) for label in metrics.values()]
+    layout = _layout(text(panel.get("title", "Task metrics")), **_grid(max(len(titles), 1), titles))
+    data = []
+    for i, r in enumerate(runs):
+        first = True
+        for j, column in enumerate(metrics):
+            if column in r.epochs and r.epochs[column].notna().any():
+                data.append(_line(i, r, r.epochs["epoch"], r.epochs[column], name=f"{r.label} {column}",
+                                  axis=_axis(j), show_legend=first))
+                first = False
+    for j, label in enumerate(titles):
+        layout[f"xaxis{_axis(j)}"].update(title="epoch", **_INT_AXIS)
+        layout[f"yaxis{_axis(j)}"].update(title=label)
+    return {"data": data, "layout": layout}
+
+
 def figure_hyperparameters(runs: Sequence[RunData]) -> dict:
     """Learning rate and weight decay in force at each recorded step (param group 0)."""
     titles = ["Learning rate in force", "Weight decay in force"]

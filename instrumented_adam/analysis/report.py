@@ -375,6 +375,10 @@ def _group_section(name: str, runs: Sequence[RunData], settings: dict, top: int,
         (lambda: interactive.figure_step_figures(runs), _CAPTIONS["step_figures"], "update to parameter ratio and cosines"),
         (lambda: interactive.figure_predicted_vs_actual(runs), _CAPTIONS["predicted"], "predicted versus actual loss change"),
     ]
+    for panel in interactive.metric_panels(runs):  # the task's own outcome, next to the loss
+        specs.insert(1, (lambda panel=panel: interactive.figure_metric_panel(runs, panel),
+                         "The task's own figures of merit at each epoch end, as the task recorded them.",
+                         str(panel.get("title", "task metrics"))))
     for make, caption, alt in specs:
         parts.append(figures.div(make(), caption, alt))
         progress.update()

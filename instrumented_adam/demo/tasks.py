@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..analysis.interactive import EPOCH_METRIC_PANELS_KEY
 from ..analysis.surfaces import LOSS_SURFACE_KEY, quadratic_mse
 from ..core import optimizer as _optim
 from ..telemetry.recorder import Recorder
@@ -106,9 +107,6 @@ class TrainConfig:
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-#: Key of the run hyperparameters under which a task lists epoch metrics to draw together:
-#: ``[{"title": str, "metrics": {metric column: axis label}}]``.
-EPOCH_METRIC_PANELS_KEY = "epoch_metric_panels"
 
 
 class Task:
