@@ -30,9 +30,6 @@ _LAZY = {
     "Adam": "core.optimizer",
     "AdamW": "core.optimizer",
     "Adamax": "core.optimizer",
-    # The functional module itself (core.optimizer imports it under this name):
-    # `instrumented_adam.functional.adam(...)`; `import instrumented_adam.functional` works too.
-    "functional": "core.optimizer",
     "Algorithm": "core._ops",
     "STAT_NAMES": "core._ops",
     "STAT_INDEX": "core._ops",
@@ -44,17 +41,22 @@ _LAZY = {
     "RunStore": "telemetry.store",
 }
 
-__all__ = [*_LAZY, "__version__"]
+# public module name -> the module: `ia.functional.adam(...)`
+_LAZY_MODULES = {"functional": "core.functional"}
+
+__all__ = [*_LAZY, *_LAZY_MODULES, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name in _LAZY_MODULES:
+        value = importlib.import_module(f".{_LAZY_MODULES[name]}", __name__)
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    else:
         raise AttributeError(f"module 'instrumented_adam' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
