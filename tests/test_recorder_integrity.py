@@ -204,6 +204,24 @@ def test_the_recorder_holds_the_runs_lease_until_close(tmp_path):
     resumed.close()
 
 
+def test_the_step_hook_keeps_the_lease_alive_between_flushes(tmp_path, monkeypatch):
+    """Reproduction: with flush_every larger than the steps of the lease's expiry time, the
+    run's lease expired while the training was alive (takeover=True would then fence it)."""
+    import time as _time
+
+    model = make_model()
+    opt = ia.Adam(model.parameters())
+    rec = Recorder(opt, tmp_path / "s.sqlite", run_name="hb", model=model, flush_every=1000)
+    monkeypatch.setattr(rec, "heartbeat_seconds", 0.0)
+    with RunStore(tmp_path / "s.sqlite") as store:
+        before = store.lease("hb")["heartbeat"]
+        _time.sleep(1.1)  # the store refreshes a heartbeat at most once a second
+        steps(model, opt, 2)  # no flush: only the hook's heartbeat writes
+        assert store.steps("hb").empty
+        assert store.lease("hb")["heartbeat"] > before
+    rec.close()
+
+
 def test_a_checkpoint_records_the_store_position_and_resume_checks_it(tmp_path):
     """Reproduction: a resume against an older copy of the store (one lacking the checkpoint's
     epoch row) was accepted and left a permanent gap."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sqlite3
 import subprocess
 import time
 import warnings
@@ -96,6 +97,10 @@ class Recorder:
     ``torch.optim.AdamW`` at step 300 the first recorded step is 301. An optimizer has at most
     one open recorder.
     """
+
+    #: Seconds between lease heartbeats from the step hook (writes refresh the lease as well);
+    #: well below the store's lease expiry (300 s by default).
+    heartbeat_seconds: float = 60.0
 
     # ---- construction -----------------------------------------------------------------------
     def __init__(
@@ -172,6 +177,7 @@ class Recorder:
         self._writer: RunWriter | None = None
         self._capture = StepCapture(step_every, flush_every, self._emit)
         self._tb = None
+        self._last_heartbeat = time.monotonic()
         try:
             # Figure columns come from the stats code: a store made by an older version gains the new ones.
             self.store.ensure_columns("steps", STEP_FIGURES)
@@ -233,6 +239,15 @@ class Recorder:
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
+        now = time.monotonic()
+        if now - self._last_heartbeat > self.heartbeat_seconds:
+            # Long stretches without a write (slow steps, a large flush_every) must not let the
+            # run's lease expire while this process is alive: a requeued job could take it over.
+            self._last_heartbeat = now
+            try:
+                self.store.heartbeat(self.run_id)  # LeaseLostError propagates: this writer must stop
+            except sqlite3.OperationalError as e:  # a busy store: the next write refreshes it
+                warnings.warn(f"instrumented_adam: lease heartbeat not written ({e})", RuntimeWarning)
 
     def _emit(self, block) -> None:
         self._writer.launch(block)
