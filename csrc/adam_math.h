@@ -154,6 +154,49 @@ IA_HOST_DEVICE void update_element(V& param, V grad, V& exp_avg, V& second, V& m
 
 // The statistics of what update_element observed are in stats_accumulate.h (contribute).
 
+// ---- update rules --------------------------------------------------------------------------------
+// The kernels' harnesses (CPU: cpu/adam_kernel_isa.cpp, the (tensor, chunk) work list and the
+// per-ISA vector loop; CUDA: cuda/adam_kernel.cuh, the multi-tensor launcher and the two-stage
+// reduction) are templated on a *rule*: the per-element update of one optimizer, which the harness
+// calls on values it has loaded and stores back, and which tells the shared statistics
+// (stats_accumulate.h) what it observed. A rule provides
+//   Coefficients<O>                 the per-tensor step constants in the compute type O, made by the
+//                                   family's glue on the host (CPU) or by the rule on the device;
+//   update<kTorchScalarTail>(c, param, grad, state..., second_moment, denom)
+//                                   one element or SIMD vector: param and the state updated in
+//                                   place; out the moment in the denominator and the step's
+//                                   divisor (kTorchScalarTail: the rounding of torch's scalar
+//                                   remainder loop, for rules that match a torch CPU kernel);
+//   denominator(c, second_moment)   the divisor recomputed from a stored (rounded) moment, so that
+//                                   reduced-precision statistics describe the stored state;
+//   step_numerator(c)               c of the effective step size c / denom.
+// The first moment the statistics see is the rule's first state tensor after the update.
+// The state tensors of the Adam family: exp_avg, the second moment (exp_avg_sq or exp_inf) and
+// max_exp_avg_sq (amsgrad only; the harness skips it when its pointer is null).
+template <Algorithm algo>
+struct AdamRule {
+  template <class O>
+  using Coefficients = ElementCoefficients<O>;
+
+  template <bool kTorchScalarTail, class V, class O>
+  static IA_HOST_DEVICE void update(const Coefficients<O>& c, V& param, const V& grad, V& exp_avg, V& second,
+                                    V& max_second, V& second_moment, V& denom) {
+    update_element<algo, kTorchScalarTail>(param, grad, exp_avg, second, max_second, c, second_moment, denom);
+  }
+
+  template <class V, class O>
+  static IA_HOST_DEVICE V denominator(const Coefficients<O>& c, const V& second_moment) {
+    if constexpr (algo == Algorithm::kAdamax) {
+      return second_moment;
+    } else {
+      return (ia_sqrt(second_moment) / V(c.bias_correction2_sqrt)) + V(c.eps);
+    }
+  }
+
+  template <class O>
+  static IA_HOST_DEVICE O step_numerator(const Coefficients<O>& c) { return c.step_size; }
+};
+
 #ifdef CPU_CAPABILITY
 }  // inline namespace CPU_CAPABILITY
 #endif

@@ -283,7 +283,7 @@ struct SimdStats {
 // written) and prefetcht1/t2 were 2–5% slower.
 constexpr int64_t kPrefetchBytes = 2048;
 
-template <class scalar_t, Algorithm algo, bool kStats, bool kPrevDot>
+template <class scalar_t, class Rule, bool kStats, bool kPrevDot>
 void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, int64_t end, double* out) {
   using IO = Io<scalar_t>;
   using V = typename IO::V;
@@ -298,7 +298,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   auto* second = static_cast<scalar_t*>(t.second);
   auto* max_second = static_cast<scalar_t*>(t.max_second);
   auto* prev_step = static_cast<const scalar_t*>(t.prev_step);
-  const bool amsgrad = algo != Algorithm::kAdamax && args.amsgrad;
+  const bool amsgrad = args.amsgrad && max_second != nullptr;  // the glue passes no max_second to Adamax
   const float* grad_scale = args.grad_scale;
 
   SimdStats<V> stats;
@@ -324,7 +324,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       for (int j = 0; j < K; ++j) p_old[j] = p[j];
     }
     if constexpr (!kTail) {
-      for (int j = 0; j < K; ++j) update_element<algo>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
+      for (int j = 0; j < K; ++j) Rule::template update<false>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
     } else {
       // torch's remainder loop (the last numel % IO::kStep elements) is auto-vectorised by its
       // compiler for the first n - n % kTorchTailWidth lanes and scalar for the rest; the two parts
@@ -343,12 +343,12 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       for (int j = 0; j < K; ++j) {
         const int64_t vector_lanes = std::clamp<int64_t>(vector_end - j * V::size(), 0, V::size());
         if (vector_lanes == V::size()) {
-          update_element<algo>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
+          Rule::template update<false>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
           continue;
         }
         V p_vec = p[j], m_vec = m[j], v_vec = v[j], vmax_vec = vmax[j], moment_vec, denom_vec;
-        if (vector_lanes > 0) update_element<algo>(p_vec, g[j], m_vec, v_vec, vmax_vec, c, moment_vec, denom_vec);
-        update_element<algo, true>(p[j], g[j], m[j], v[j], vmax[j], c, moment[j], denom[j]);
+        if (vector_lanes > 0) Rule::template update<false>(c, p_vec, g[j], m_vec, v_vec, vmax_vec, moment_vec, denom_vec);
+        Rule::template update<true>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
         if (vector_lanes > 0) {
           const V vector_lane = V::set(V(O(0)), V(O(1)), vector_lanes) != V(O(0));
           p[j] = V::blendv(p[j], p_vec, vector_lane);
@@ -379,13 +379,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
         IO::round_trip(m);
         IO::round_trip(moment);
         if (grad_scale) IO::round_trip(g);
-        for (int j = 0; j < K; ++j) {
-          if constexpr (algo == Algorithm::kAdamax) {
-            denom[j] = moment[j];
-          } else {
-            denom[j] = (ia_sqrt(moment[j]) / V(c.bias_correction2_sqrt)) + V(c.eps);
-          }
-        }
+        for (int j = 0; j < K; ++j) denom[j] = Rule::denominator(c, moment[j]);
       }
       for (int j = 0; j < K; ++j) {
         V delta = p[j] - p_old[j];
@@ -425,28 +419,28 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   }
   if (full_end < end) one_step(std::true_type{}, full_end, end - full_end);
 
-  if constexpr (kStats) stats.finish(c.step_size, out);
+  if constexpr (kStats) stats.finish(Rule::step_numerator(c), out);
 }
 
-template <class scalar_t, Algorithm algo>
+template <class scalar_t, class Rule>
 void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out) {
   if (!args.stats) {
-    process_range<scalar_t, algo, false, false>(args, t, item.begin, item.end, out);
+    process_range<scalar_t, Rule, false, false>(args, t, item.begin, item.end, out);
   } else if (args.prev_dot && t.prev_step != nullptr) {
-    process_range<scalar_t, algo, true, true>(args, t, item.begin, item.end, out);
+    process_range<scalar_t, Rule, true, true>(args, t, item.begin, item.end, out);
   } else {
-    process_range<scalar_t, algo, true, false>(args, t, item.begin, item.end, out);
+    process_range<scalar_t, Rule, true, false>(args, t, item.begin, item.end, out);
   }
 }
 
-template <Algorithm algo>
+template <class Rule>
 void dispatch_dtype(const KernelArgs& args, const WorkItem& item, double* out) {
   const TensorArgs& t = args.tensors[item.tensor];
   switch (t.dtype) {
-    case DType::kFloat: return dispatch_flags<float, algo>(args, t, item, out);
-    case DType::kDouble: return dispatch_flags<double, algo>(args, t, item, out);
-    case DType::kBFloat16: return dispatch_flags<c10::BFloat16, algo>(args, t, item, out);
-    case DType::kHalf: return dispatch_flags<c10::Half, algo>(args, t, item, out);
+    case DType::kFloat: return dispatch_flags<float, Rule>(args, t, item, out);
+    case DType::kDouble: return dispatch_flags<double, Rule>(args, t, item, out);
+    case DType::kBFloat16: return dispatch_flags<c10::BFloat16, Rule>(args, t, item, out);
+    case DType::kHalf: return dispatch_flags<c10::Half, Rule>(args, t, item, out);
   }
 }
 
@@ -456,9 +450,9 @@ void process_items(const KernelArgs& args, int64_t first, int64_t last) {
   for (int64_t k = first; k < last; ++k) {
     double* out = args.stats ? args.item_stats + k * kNumStats : nullptr;
     switch (args.algorithm) {
-      case Algorithm::kAdam: dispatch_dtype<Algorithm::kAdam>(args, args.items[k], out); break;
-      case Algorithm::kAdamW: dispatch_dtype<Algorithm::kAdamW>(args, args.items[k], out); break;
-      case Algorithm::kAdamax: dispatch_dtype<Algorithm::kAdamax>(args, args.items[k], out); break;
+      case Algorithm::kAdam: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out); break;
+      case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdamW>>(args, args.items[k], out); break;
+      case Algorithm::kAdamax: dispatch_dtype<AdamRule<Algorithm::kAdamax>>(args, args.items[k], out); break;
     }
   }
 }

@@ -87,7 +87,7 @@ std::vector<double> run_kernel(void (*process)(const cpu::KernelArgs&, int64_t, 
   for (size_t k = 0; k < items.size(); ++k) {
     for (int j = 0; j < ia::kNumStats; ++j) {
       const double x = item_stats[k * ia::kNumStats + j];
-      row[j] = j == ia::k_eff_lr_max ? (k == 0 ? x : std::max(row[j], x)) : row[j] + x;
+      row[j] = k == 0 ? x : ia::combine_partials(j, row[j], x);  // as the table says
     }
   }
   return row;
