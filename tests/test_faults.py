@@ -43,7 +43,6 @@ def train(db: str, ckpt_dir: str, resume: str | None = None, takeover: bool = Fa
     import instrumented_adam as ia
     from instrumented_adam.telemetry.checkpoint import seed_everything
     from instrumented_adam.telemetry.recorder import Recorder
-    from instrumented_adam.telemetry.store import RunStore
 
     torch.set_num_threads(1)  # bitwise reproducible reductions
     seed_everything(11)
@@ -56,12 +55,8 @@ def train(db: str, ckpt_dir: str, resume: str | None = None, takeover: bool = Fa
     total = torch.zeros((), dtype=torch.float64)
     if resume:
         print("RESUMING", flush=True)
-        store = None
-        if takeover:  # a requeued job taking over a run whose old writer's lease expired
-            position = torch.load(resume, weights_only=True)["recorder"]
-            store = RunStore(position["store"])
-            store.acquire_lease(position["run_id"], takeover=True)
-        rec = Recorder.resume(resume, opt, model, store if store is not None else db)
+        # takeover: a requeued job taking over a run whose old writer's lease expired
+        rec = Recorder.resume(resume, opt, model, db, takeover=takeover)
         sched.load_state_dict(rec.extra["scheduler"])
         total = rec.extra["loss_sum"]
         print("RESUMED", os.getpid(), flush=True)
