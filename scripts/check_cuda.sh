@@ -122,7 +122,8 @@ for (_, regs, (stack, st, ld), smem), n in sorted(zip(rows, names), key=lambda r
     for k, v in {**algo, **mode}.items():
         n = n.replace(k, v)
     n = n.replace("(UpdateLaunch, KernelScalars)", "").replace("void ", "").replace("amsgrad", "")
-    n = re.sub(r"<(\w+), (\w+), true, ", r"<\1, \2+amsgrad, ", n).replace(", false, ", ", ")
+    n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), true>", r"\1+amsgrad", n)
+    n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), false>", r"\1", n)
     spilled += int(st) + int(ld)
     print(f"{regs:>4} {st + '/' + ld:>11} {stack:>5} {smem:>5}  {n}")
 print(f"check_cuda: {len(rows)} kernels, {'no spills' if spilled == 0 else f'SPILLS: {spilled} bytes'}")

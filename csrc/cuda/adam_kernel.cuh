@@ -165,12 +165,23 @@ struct Rule<Algorithm::kAdamax, amsgrad, O> {
   __device__ __forceinline__ O step_size() const { return c.step_size; }
 };
 
+// The rule the kernel is templated on (the concept: adam_math.h, "update rules"): the per-element
+// rule for each compute type O, and which optional state it uses. Adding an optimizer family adds
+// one such type and its rules; the launcher, the kernel and both reduction stages stay as they are.
+template <Algorithm algo, bool amsgrad>
+struct AdamFamilyRule {
+  static constexpr bool kUsesMaxSecond = amsgrad;
+  template <class O>
+  using For = Rule<algo, amsgrad, O>;
+};
+
 // One element: unscale (and store back) the gradient, update, store, accumulate the statistics.
 // The values live in the caller's registers (a vector's lanes) in the storage type.
-template <class T, Algorithm algo, bool amsgrad, bool kStats, bool kPrev>
+template <class T, class R, bool kStats, bool kPrev>
 struct ElementStep {
   using O = typename Traits<T>::O;
-  Rule<algo, amsgrad, O> rule;
+  static constexpr bool amsgrad = R::kUsesMaxSecond;
+  typename R::template For<O> rule;
   O scale;
   bool unscale;
 
@@ -238,12 +249,13 @@ __device__ __forceinline__ void block_reduce(double (&x)[kNumStats]) {
 
 enum class Stats : int { kOff, kOn, kOnPrev };
 
-template <class T, Algorithm algo, bool amsgrad, Stats stats>
+template <class T, class R, Stats stats>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const __grid_constant__ UpdateLaunch launch, const __grid_constant__ KernelScalars s) {
   using O = typename Traits<T>::O;
   constexpr bool kStats = stats != Stats::kOff;
   constexpr bool kPrev = stats == Stats::kOnPrev;
+  constexpr bool amsgrad = R::kUsesMaxSecond;
   constexpr int kVec = 16 / sizeof(T);
   struct alignas(16) Pack {
     T v[kVec];
@@ -274,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
   // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
   const float step = *t.step + 1.0f;
   const double lr = read_lr(s);
-  const ElementStep<T, algo, amsgrad, kStats, kPrev> element(s, lr, step);
+  const ElementStep<T, R, kStats, kPrev> element(s, lr, step);
 
   O acc[kNumStats];
 #pragma unroll
@@ -331,15 +343,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- host side: one update launch ----
-template <class T, Algorithm algo, bool amsgrad>
+template <class T, class R>
 void launch_update_typed(Stats mode, const UpdateLaunch& launch, int64_t blocks, const KernelScalars& s,
                          cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (mode) {
-    case Stats::kOff: update_kernel<T, algo, amsgrad, Stats::kOff><<<grid, kThreads, 0, stream>>>(launch, s); break;
-    case Stats::kOn: update_kernel<T, algo, amsgrad, Stats::kOn><<<grid, kThreads, 0, stream>>>(launch, s); break;
+    case Stats::kOff: update_kernel<T, R, Stats::kOff><<<grid, kThreads, 0, stream>>>(launch, s); break;
+    case Stats::kOn: update_kernel<T, R, Stats::kOn><<<grid, kThreads, 0, stream>>>(launch, s); break;
     case Stats::kOnPrev:
-      update_kernel<T, algo, amsgrad, Stats::kOnPrev><<<grid, kThreads, 0, stream>>>(launch, s);
+      update_kernel<T, R, Stats::kOnPrev><<<grid, kThreads, 0, stream>>>(launch, s);
       break;
   }
 }
@@ -350,15 +362,15 @@ void launch_update(Algorithm algo, bool amsgrad, Stats mode, const UpdateLaunch&
                    const KernelScalars& s, cudaStream_t stream) {
   switch (algo) {
     case Algorithm::kAdam:
-      if (amsgrad) launch_update_typed<T, Algorithm::kAdam, true>(mode, launch, blocks, s, stream);
-      else launch_update_typed<T, Algorithm::kAdam, false>(mode, launch, blocks, s, stream);
+      if (amsgrad) launch_update_typed<T, AdamFamilyRule<Algorithm::kAdam, true>>(mode, launch, blocks, s, stream);
+      else launch_update_typed<T, AdamFamilyRule<Algorithm::kAdam, false>>(mode, launch, blocks, s, stream);
       break;
     case Algorithm::kAdamW:
-      if (amsgrad) launch_update_typed<T, Algorithm::kAdamW, true>(mode, launch, blocks, s, stream);
-      else launch_update_typed<T, Algorithm::kAdamW, false>(mode, launch, blocks, s, stream);
+      if (amsgrad) launch_update_typed<T, AdamFamilyRule<Algorithm::kAdamW, true>>(mode, launch, blocks, s, stream);
+      else launch_update_typed<T, AdamFamilyRule<Algorithm::kAdamW, false>>(mode, launch, blocks, s, stream);
       break;
     case Algorithm::kAdamax:  // no amsgrad variant
-      launch_update_typed<T, Algorithm::kAdamax, false>(mode, launch, blocks, s, stream);
+      launch_update_typed<T, AdamFamilyRule<Algorithm::kAdamax, false>>(mode, launch, blocks, s, stream);
       break;
   }
 }
