@@ -99,6 +99,38 @@ def own_step_count(optimizer: torch.optim.Optimizer) -> int:
     return best
 
 
+def checkpoint_position(rec: "Recorder") -> dict[str, Any]:
+    """The recorder's entry of a checkpoint: identity, position, running aggregates, the
+    hyperparameters last in force and the store's position of the run (after a sync)."""
+    info = rec.store.conn.execute("SELECT name, started_at FROM runs WHERE run_id=?", (rec.run_id,)).fetchone()
+    names, _ = rec._hyper_in_force()
+    last = rec._capture.last_hyper
+    if last is not None:
+        values = [[float(v) for v in hp] for hp in last]
+    elif rec._saved_hyper is not None:
+        values = [list(v) for v in rec._saved_hyper[1]]
+    else:
+        values = None
+    return {
+        "run_id": rec.run_id,
+        "run_name": info[0],
+        "started_at": info[1],
+        "store": str(rec.store.path.resolve()),
+        "step": rec.optimizer.steps_done + rec._step_offset,
+        "step_offset": rec._step_offset,
+        "epoch": rec._epoch,
+        "epoch_start_step": rec._epoch_start_step,
+        "step_every": rec.step_every,
+        "flush_every": rec.flush_every,
+        "step_figures": list(STEP_FIGURES),
+        "epoch_aggregates": rec._writer.aggregates.state(),
+        "staged_metrics": dict(rec._staged_metrics),
+        "last_hyper": {"names": list(names), "values": values} if values is not None else None,
+        "diverged": rec.diverged,
+        "store_position": rec.store.position(rec.run_id),
+    }
+
+
 def _mark_gap(store: RunStore, run_id: int, expected: Mapping[str, Any], error: StoreGapError) -> None:
     """Marks what the store lacks of a checkpoint's position: steps and epochs after what it holds."""
     held = store.position(run_id)
@@ -257,4 +289,4 @@ def branch(
     return rec
 
 
-__all__ = ["resume", "branch", "load_into", "own_step_count", "saved_hyper", "ON_GAP"]
+__all__ = ["resume", "branch", "checkpoint_position", "load_into", "own_step_count", "saved_hyper", "ON_GAP"]

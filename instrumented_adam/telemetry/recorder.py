@@ -426,33 +426,7 @@ class Recorder:
         return path
 
     def _position(self) -> dict[str, Any]:
-        info = self.store.conn.execute("SELECT name, started_at FROM runs WHERE run_id=?", (self.run_id,)).fetchone()
-        names, _ = self._hyper_in_force()
-        last = self._capture.last_hyper
-        if last is not None:
-            values = [[_host(v) for v in hp] for hp in last]
-        elif self._saved_hyper is not None:
-            values = [list(v) for v in self._saved_hyper[1]]
-        else:
-            values = None
-        return {
-            "run_id": self.run_id,
-            "run_name": info[0],
-            "started_at": info[1],
-            "store": str(self.store.path.resolve()),
-            "step": self.optimizer.steps_done + self._step_offset,
-            "step_offset": self._step_offset,
-            "epoch": self._epoch,
-            "epoch_start_step": self._epoch_start_step,
-            "step_every": self.step_every,
-            "flush_every": self.flush_every,
-            "step_figures": list(STEP_FIGURES),
-            "epoch_aggregates": self._writer.aggregates.state(),
-            "staged_metrics": dict(self._staged_metrics),
-            "last_hyper": {"names": list(names), "values": values} if values is not None else None,
-            "diverged": self.diverged,
-            "store_position": self.store.position(self.run_id),
-        }
+        return lineage.checkpoint_position(self)
 
     @classmethod
     def resume(
