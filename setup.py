@@ -166,9 +166,12 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": IsaBuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "pandas", "scipy", "matplotlib", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "pandas", "scipy", "statsmodels", "plotly", "matplotlib", "tqdm"],
     extras_require={
         "demo": ["scikit-learn"],
+        # Minimum-bias events from Pythia 8 for the vertex-finding task (demo/pvfinder.py); without
+        # it the task uses its parametrised generator.
+        "pythia": ["pythia8mc"],
         "export": ["pyarrow", "tensorboard"],
         "test": ["pytest", "expecttest", "hypothesis"],
     },
