@@ -166,7 +166,7 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": IsaBuildExtension},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "pandas", "scipy", "statsmodels", "plotly", "matplotlib", "tqdm"],
+    install_requires=["torch>=2.11", "numpy", "pandas", "scipy", "plotly", "matplotlib", "tqdm"],
     extras_require={
         "demo": ["scikit-learn"],
         # Minimum-bias events from Pythia 8 for the vertex-finding task (demo/pvfinder.py); without

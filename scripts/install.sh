@@ -16,6 +16,6 @@ PIP="$VENV/bin/python -m pip"
 $PIP install --quiet --upgrade pip >/dev/null
 # torch alone first, pinned: nothing later may replace it.
 $PIP install --quiet "torch==${TORCH_VERSION}" ninja numpy
-$PIP install --quiet pandas scipy statsmodels plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis
+$PIP install --quiet pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis
 $PIP install --quiet --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import instrumented_adam, torch; print('instrumented_adam', instrumented_adam.__version__, 'with torch', torch.__version__, '(' + torch.backends.cpu.get_cpu_capability() + ')')"
