@@ -17,12 +17,25 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernel_tensor.h"
 #include "stats_table.h"
 
 namespace instrumented_adam {
 
 // Values match the `algorithm` argument of the op (instrumented_adam/_ops.py keeps the same).
 enum class Algorithm : int64_t { kAdam = 0, kAdamW = 1, kAdamax = 2 };
+
+// The state tensors of the Adam family, in the order its rules (AdamRule below, the CUDA
+// AdamFamilyRule) declare them and the glue fills ParameterPointers::state (adam_step_call.h).
+struct AdamState {
+  enum : int {
+    kExpAvg = 0,           // exp_avg m: the first moment (the statistics' first_moment)
+    kSecondMoment = 1,     // exp_avg_sq v (Adam, AdamW) or exp_inf u (Adamax)
+    kMaxSecondMoment = 2,  // max_exp_avg_sq (amsgrad only; absent, i.e. a null pointer, otherwise)
+    kCount = 3,
+  };
+};
+static_assert(AdamState::kCount <= kMaxStates, "kMaxStates must hold the Adam family's state");
 
 // The scalars of one tensor's step, in double, as torch computes them on the host.
 struct StepScalars {
@@ -157,31 +170,54 @@ IA_HOST_DEVICE void update_element(V& param, V grad, V& exp_avg, V& second, V& m
 // ---- update rules --------------------------------------------------------------------------------
 // The kernels' harnesses (CPU: cpu/adam_kernel_isa.cpp, the (tensor, chunk) work list and the
 // per-ISA vector loop; CUDA: cuda/adam_kernel.cuh, the multi-tensor launcher and the two-stage
-// reduction) are templated on a *rule*: the per-element update of one optimizer, which the harness
-// calls on values it has loaded and stores back, and which tells the shared statistics
-// (stats_accumulate.h) what it observed. A rule provides
+// reduction) are templated on a *rule*: the per-element update of one optimizer, which declares the
+// state tensors it keeps per parameter and tells the shared statistics (stats_accumulate.h) what it
+// observed. The harnesses never name a state: they load state slots 0 .. kNumStates-1 from the
+// pointers in ParameterPointers::state (kernel_tensor.h), prefetch them, hand their values to the
+// rule as an array and store them back. A rule provides
+//   kNumStates                      how many state tensors it uses (<= kMaxStates), in a fixed
+//                                   order that its glue fills ParameterPointers::state in;
+//   kNumRequiredStates              the first ones, always present. The rest are optional
+//                                   (amsgrad's max_exp_avg_sq): a null pointer when absent, and the
+//                                   CPU harness then neither loads nor stores it, and its slot holds
+//                                   an unspecified value the rule must not read. (Required slots
+//                                   are loaded without a check, which keeps the CPU loop as tight
+//                                   as a hand-written one.) The CUDA rules are instantiated per
+//                                   option (amsgrad or not), so there kNumStates counts the states
+//                                   that instantiation uses and all of them are required;
+//   kFirstMomentState               the slot the statistics read as the first moment m_t (the
+//                                   momentum-like state, after the update), or -1 for a rule
+//                                   without one (the statistics then see 0);
 //   Coefficients<O>                 the per-tensor step constants in the compute type O, made by the
 //                                   family's glue on the host (CPU) or by the rule on the device;
-//   update<kTorchScalarTail>(c, param, grad, state..., second_moment, denom)
-//                                   one element or SIMD vector: param and the state updated in
-//                                   place; out the moment in the denominator and the step's
-//                                   divisor (kTorchScalarTail: the rounding of torch's scalar
-//                                   remainder loop, for rules that match a torch CPU kernel);
+//   update<kTorchScalarTail>(c, param, grad, state, second_moment, denom)
+//                                   one element or SIMD vector: param and state[0 .. kNumStates-1]
+//                                   (`V (&state)[kMaxStates]`) updated in place; out the moment in
+//                                   the denominator and the step's divisor (kTorchScalarTail: the
+//                                   rounding of torch's scalar remainder loop, for rules that match
+//                                   a torch CPU kernel);
 //   denominator(c, second_moment)   the divisor recomputed from a stored (rounded) moment, so that
 //                                   reduced-precision statistics describe the stored state;
 //   step_numerator(c)               c of the effective step size c / denom.
-// The first moment the statistics see is the rule's first state tensor after the update.
-// The state tensors of the Adam family: exp_avg, the second moment (exp_avg_sq or exp_inf) and
-// max_exp_avg_sq (amsgrad only; the harness skips it when its pointer is null).
+// A new family also adds one line where the harness picks the rule at run time: a case of
+// process_items (cpu/adam_kernel_isa.cpp) and of launch_update (cuda/adam_kernel.cuh), which is
+// what instantiates the harness with it.
 template <Algorithm algo>
 struct AdamRule {
+  // AdamState: exp_avg, the second moment (exp_avg_sq or exp_inf), max_exp_avg_sq (amsgrad only;
+  // Adamax has no amsgrad variant).
+  static constexpr int kNumStates = algo == Algorithm::kAdamax ? AdamState::kSecondMoment + 1 : AdamState::kCount;
+  static constexpr int kNumRequiredStates = AdamState::kSecondMoment + 1;
+  static constexpr int kFirstMomentState = AdamState::kExpAvg;
+
   template <class O>
   using Coefficients = ElementCoefficients<O>;
 
   template <bool kTorchScalarTail, class V, class O>
-  static IA_HOST_DEVICE void update(const Coefficients<O>& c, V& param, const V& grad, V& exp_avg, V& second,
-                                    V& max_second, V& second_moment, V& denom) {
-    update_element<algo, kTorchScalarTail>(param, grad, exp_avg, second, max_second, c, second_moment, denom);
+  static IA_HOST_DEVICE void update(const Coefficients<O>& c, V& param, const V& grad, V (&state)[kMaxStates],
+                                    V& second_moment, V& denom) {
+    update_element<algo, kTorchScalarTail>(param, grad, state[AdamState::kExpAvg], state[AdamState::kSecondMoment],
+                                           state[AdamState::kMaxSecondMoment], c, second_moment, denom);
   }
 
   template <class V, class O>

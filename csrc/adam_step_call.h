@@ -31,16 +31,18 @@ struct AdamStepCall {
   int64_t size() const { return static_cast<int64_t>(params.size()); }
 
   // Parameter i's data pointers and size into a kernel's plain-data description (the CPU's
-  // TensorArgs, the CUDA HostTensor: fields param, grad, exp_avg, second, max_second, prev_step,
-  // numel, dtype); absent tensors are null.
+  // TensorArgs, the CUDA HostTensor: ParameterPointers, kernel_tensor.h); absent tensors are null.
+  // The state slots follow the Adam family's rule (AdamRule in adam_math.h): exp_avg, the second
+  // moment (exp_avg_sq or exp_inf), max_exp_avg_sq (amsgrad only).
   template <class KernelTensor>
   void describe_parameter(int64_t i, KernelTensor& t) const {
     const at::Tensor& p = params[i];
     t.param = p.data_ptr();
     t.grad = grads[i].data_ptr();
-    t.exp_avg = exp_avgs[i].data_ptr();
-    t.second = second_moments[i].data_ptr();
-    t.max_second = amsgrad ? max_second_moments[i].data_ptr() : nullptr;
+    for (void*& state : t.state) state = nullptr;
+    t.state[AdamState::kExpAvg] = exp_avgs[i].data_ptr();
+    t.state[AdamState::kSecondMoment] = second_moments[i].data_ptr();
+    if (amsgrad) t.state[AdamState::kMaxSecondMoment] = max_second_moments[i].data_ptr();
     t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].const_data_ptr();
     t.numel = p.numel();
     t.dtype = kernel_dtype<DType>(p);

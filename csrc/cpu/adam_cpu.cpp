@@ -143,8 +143,9 @@ void adam_step_cpu(const AdamStepCall& call) {
 
   const int64_t num_items = static_cast<int64_t>(items.size());
   std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
-  KernelArgs args{algo,           amsgrad,          stats_data != nullptr, !call.prev_epoch_steps.empty(),
-                  grad_scale_ptr, tensors.data(), items.data(),          item_stats.data()};
+  KernelArgs args{algo,           stats_data != nullptr, !call.prev_epoch_steps.empty(),
+                  grad_scale_ptr, tensors.data(),        items.data(),
+                  item_stats.data()};
   const auto process_items = select_isa();
   // Threads get equal element ranges; each processes the items that start in its range, so
   // many small tensors share one parallel region and the partials do not depend on thread count.

@@ -292,13 +292,19 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   const ElementCoefficients<O>& c = [&]() -> const ElementCoefficients<O>& {
     if constexpr (std::is_same_v<O, double>) return t.coeff_double; else return t.coeff_float;
   }();
+  // The rule's state tensors (adam_math.h, "update rules"): slots 0 .. kNumStates-1; an optional
+  // one (past kNumRequiredStates) with a null pointer is absent and neither loaded nor stored.
+  constexpr int kStates = Rule::kNumStates;
+  constexpr int kRequired = Rule::kNumRequiredStates;
+  constexpr int kFirstMoment = Rule::kFirstMomentState;
+  static_assert(kStates >= 0 && kStates <= kMaxStates, "a rule declares at most kMaxStates state tensors");
+  static_assert(kRequired >= 0 && kRequired <= kStates, "the required states are the rule's first ones");
+  static_assert(kFirstMoment >= -1 && kFirstMoment < kStates, "kFirstMomentState names one of the rule's states");
   auto* param = static_cast<scalar_t*>(t.param);
   auto* grad = static_cast<scalar_t*>(t.grad);
-  auto* exp_avg = static_cast<scalar_t*>(t.exp_avg);
-  auto* second = static_cast<scalar_t*>(t.second);
-  auto* max_second = static_cast<scalar_t*>(t.max_second);
+  scalar_t* state[kMaxStates];
+  for (int s = 0; s < kMaxStates; ++s) state[s] = s < kStates ? static_cast<scalar_t*>(t.state[s]) : nullptr;
   auto* prev_step = static_cast<const scalar_t*>(t.prev_step);
-  const bool amsgrad = args.amsgrad && max_second != nullptr;  // the glue passes no max_second to Adamax
   const float* grad_scale = args.grad_scale;
 
   SimdStats<V> stats;
@@ -309,12 +315,16 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   auto one_step = [&](auto tail_tag, int64_t i, int64_t n) {
     constexpr bool kTail = decltype(tail_tag)::value;
     const int64_t len = kTail ? n : IO::kStep;
-    V p[K], g[K], m[K], v[K], vmax[K], prev[K], p_old[K], moment[K], denom[K];
+    V p[K], g[K], prev[K], p_old[K], moment[K], denom[K];
+    V st[K][kMaxStates];  // per vector j, the rule's state values (absent slots are never read)
     IO::load(param + i, len, p);
     IO::load(grad + i, len, g);
-    IO::load(exp_avg + i, len, m);
-    IO::load(second + i, len, v);
-    if (amsgrad) IO::load(max_second + i, len, vmax);
+    for (int s = 0; s < kStates; ++s) {
+      if (s >= kRequired && state[s] == nullptr) continue;
+      V loaded[K];
+      IO::load(state[s] + i, len, loaded);
+      for (int j = 0; j < K; ++j) st[j][s] = loaded[j];
+    }
     if constexpr (kPrevDot) IO::load(prev_step + i, len, prev);
     if (grad_scale) {
       for (int j = 0; j < K; ++j) g[j] = g[j] / V(O(*grad_scale));
@@ -324,7 +334,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       for (int j = 0; j < K; ++j) p_old[j] = p[j];
     }
     if constexpr (!kTail) {
-      for (int j = 0; j < K; ++j) Rule::template update<false>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
+      for (int j = 0; j < K; ++j) Rule::template update<false>(c, p[j], g[j], st[j], moment[j], denom[j]);
     } else {
       // torch's remainder loop (the last numel % IO::kStep elements) is auto-vectorised by its
       // compiler for the first n - n % kTorchTailWidth lanes and scalar for the rest; the two parts
@@ -343,29 +353,37 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       for (int j = 0; j < K; ++j) {
         const int64_t vector_lanes = std::clamp<int64_t>(vector_end - j * V::size(), 0, V::size());
         if (vector_lanes == V::size()) {
-          Rule::template update<false>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
+          Rule::template update<false>(c, p[j], g[j], st[j], moment[j], denom[j]);
           continue;
         }
-        V p_vec = p[j], m_vec = m[j], v_vec = v[j], vmax_vec = vmax[j], moment_vec, denom_vec;
-        if (vector_lanes > 0) Rule::template update<false>(c, p_vec, g[j], m_vec, v_vec, vmax_vec, moment_vec, denom_vec);
-        Rule::template update<true>(c, p[j], g[j], m[j], v[j], vmax[j], moment[j], denom[j]);
+        V p_vec = p[j], moment_vec, denom_vec;
+        V st_vec[kMaxStates];
+        for (int s = 0; s < kStates; ++s) st_vec[s] = st[j][s];
+        if (vector_lanes > 0) Rule::template update<false>(c, p_vec, g[j], st_vec, moment_vec, denom_vec);
+        Rule::template update<true>(c, p[j], g[j], st[j], moment[j], denom[j]);
         if (vector_lanes > 0) {
           const V vector_lane = V::set(V(O(0)), V(O(1)), vector_lanes) != V(O(0));
           p[j] = V::blendv(p[j], p_vec, vector_lane);
-          m[j] = V::blendv(m[j], m_vec, vector_lane);
-          v[j] = V::blendv(v[j], v_vec, vector_lane);
-          vmax[j] = V::blendv(vmax[j], vmax_vec, vector_lane);
+          for (int s = 0; s < kStates; ++s) st[j][s] = V::blendv(st[j][s], st_vec[s], vector_lane);
           moment[j] = V::blendv(moment[j], moment_vec, vector_lane);
           denom[j] = V::blendv(denom[j], denom_vec, vector_lane);
         }
       }
     }
     IO::store(param + i, len, p);
-    IO::store(exp_avg + i, len, m);
-    IO::store(second + i, len, v);
-    if (amsgrad) IO::store(max_second + i, len, vmax);
+    for (int s = 0; s < kStates; ++s) {
+      if (s >= kRequired && state[s] == nullptr) continue;
+      V updated[K];
+      for (int j = 0; j < K; ++j) updated[j] = st[j][s];
+      IO::store(state[s] + i, len, updated);
+    }
 
     if constexpr (kStats) {
+      // The first moment the statistics see: the rule's declared state (0 for a rule without one).
+      V m[K];
+      for (int j = 0; j < K; ++j) {
+        if constexpr (kFirstMoment >= 0) m[j] = st[j][kFirstMoment]; else m[j] = V(O(0));
+      }
       IO::round_trip(p);
       if constexpr (!std::is_same_v<scalar_t, O>) {
         // bf16/fp16: the statistics describe the stored state (DESIGN.md), so m, the second moment
@@ -376,7 +394,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
         // fp32/fp64 store the register values exactly and skip this, so their kernels are
         // unchanged (bench_kernel.py, fp32 with statistics, 1e5 elements 1 thread: x1.226/1.236
         // of torch before, x1.227/1.230 after; 10M elements 2 threads: medians 15.8-16.0 ms both).
-        IO::round_trip(m);
+        if constexpr (kFirstMoment >= 0) IO::round_trip(m);
         IO::round_trip(moment);
         if (grad_scale) IO::round_trip(g);
         for (int j = 0; j < K; ++j) denom[j] = Rule::denominator(c, moment[j]);
@@ -411,9 +429,9 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
     // prefetches touch whatever memory follows: harmless, they never fault.
     __builtin_prefetch(param + i + kAhead, 0, 3);
     __builtin_prefetch(grad + i + kAhead, 0, 3);
-    __builtin_prefetch(exp_avg + i + kAhead, 0, 3);
-    __builtin_prefetch(second + i + kAhead, 0, 3);
-    if (amsgrad) __builtin_prefetch(max_second + i + kAhead, 0, 3);
+    for (int s = 0; s < kStates; ++s) {
+      if (s < kRequired || state[s] != nullptr) __builtin_prefetch(state[s] + i + kAhead, 0, 3);
+    }
     if constexpr (kPrevDot) __builtin_prefetch(prev_step + i + kAhead, 0, 3);
     one_step(std::false_type{}, i, IO::kStep);
   }

@@ -25,8 +25,7 @@ struct WorkItem {
 };
 
 struct KernelArgs {
-  Algorithm algorithm;
-  bool amsgrad;
+  Algorithm algorithm;  // picks the rule (process_items); its state tensors are TensorArgs::state
   bool stats;
   bool prev_dot;           // accumulate update_dot_prev_epoch (prev_step pointers are set)
   const float* grad_scale;  // AMP: divide the gradient by this and store it back; null otherwise

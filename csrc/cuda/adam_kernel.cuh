@@ -63,7 +63,9 @@ struct Traits<__half> {
 };
 
 // ---- the per-launch work list, passed by value as kernel parameters ----
-enum Array : int { kParam, kGrad, kExpAvg, kSecond, kMaxSecond, kPrev, kNumArrays };
+// The arrays of one tensor: parameter, gradient, previous epoch's step, then the rule's state
+// tensors kFirstState + 0 .. kFirstState + kMaxStates - 1 (in the order the rule declares them).
+enum Array : int { kParam, kGrad, kPrev, kFirstState, kNumArrays = kFirstState + kMaxStates };
 
 struct LaunchTensor {
   void* ptr[kNumArrays];  // unused arrays are null
@@ -126,6 +128,7 @@ __device__ __forceinline__ double read_lr(const KernelScalars& s) {
 
 // ---- the update rules ----
 // Adam and AdamW: torch.optim.Adam(fused=True)'s CUDA arithmetic (adam_math.h, torch_cuda).
+// `state` holds the AdamState slots (adam_math.h): exp_avg, the second moment, max_exp_avg_sq.
 template <Algorithm algo, bool amsgrad, class O>
 struct Rule {
   torch_cuda::AdamCoefficients<O> c;
@@ -133,8 +136,9 @@ struct Rule {
   __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
       : c(torch_cuda::make_adam_coefficients<O>(lr, s.beta1, s.beta2, s.weight_decay, s.eps, step)),
         maximize(s.maximize) {}
-  __device__ __forceinline__ void apply(O& p, O g, O& m, O& v, O& vmax, O& moment, O& denom) const {
-    torch_cuda::adam_update<algo, amsgrad>(p, g, m, v, vmax, c, maximize, moment, denom);
+  __device__ __forceinline__ void apply(O& p, O g, O (&state)[kMaxStates], O& moment, O& denom) const {
+    torch_cuda::adam_update<algo, amsgrad>(p, g, state[AdamState::kExpAvg], state[AdamState::kSecondMoment],
+                                           state[AdamState::kMaxSecondMoment], c, maximize, moment, denom);
   }
   __device__ __forceinline__ O step_size() const { return c.step_size; }
 };
@@ -159,18 +163,24 @@ struct Rule<Algorithm::kAdamax, amsgrad, O> {
       c.neg_step_size = static_cast<O>(-step_size);
     }
   }
-  __device__ __forceinline__ void apply(O& p, O g, O& m, O& v, O& vmax, O& moment, O& denom) const {
-    update_element<Algorithm::kAdamax>(p, g, m, v, vmax, c, moment, denom);
+  __device__ __forceinline__ void apply(O& p, O g, O (&state)[kMaxStates], O& moment, O& denom) const {
+    update_element<Algorithm::kAdamax>(p, g, state[AdamState::kExpAvg], state[AdamState::kSecondMoment],
+                                       state[AdamState::kMaxSecondMoment], c, moment, denom);
   }
   __device__ __forceinline__ O step_size() const { return c.step_size; }
 };
 
-// The rule the kernel is templated on (the concept: adam_math.h, "update rules"): the per-element
-// rule for each compute type O, and which optional state it uses. Adding an optimizer family adds
-// one such type and its rules; the launcher, the kernel and both reduction stages stay as they are.
+// The rule the kernel is templated on (the concept: adam_math.h, "update rules"): the state
+// tensors it declares and the per-element rule for each compute type O. It is instantiated per
+// option, so kNumStates counts exactly the states this instantiation reads and writes (without
+// amsgrad the kernel never touches a max_exp_avg_sq slot, decided at compile time as before).
+// Adding an optimizer family adds one such type and its rules, and a case in launch_update below;
+// the launcher, the kernel and both reduction stages stay as they are.
 template <Algorithm algo, bool amsgrad>
 struct AdamFamilyRule {
-  static constexpr bool kUsesMaxSecond = amsgrad;
+  static constexpr int kNumStates = amsgrad ? AdamState::kMaxSecondMoment + 1 : AdamState::kSecondMoment + 1;
+  static constexpr int kNumRequiredStates = kNumStates;
+  static constexpr int kFirstMomentState = AdamState::kExpAvg;
   template <class O>
   using For = Rule<algo, amsgrad, O>;
 };
@@ -180,7 +190,11 @@ struct AdamFamilyRule {
 template <class T, class R, bool kStats, bool kPrev>
 struct ElementStep {
   using O = typename Traits<T>::O;
-  static constexpr bool amsgrad = R::kUsesMaxSecond;
+  static constexpr int kStates = R::kNumStates;
+  static constexpr int kFirstMoment = R::kFirstMomentState;
+  static_assert(kStates >= 0 && kStates <= kMaxStates, "a rule declares at most kMaxStates state tensors");
+  static_assert(kFirstMoment >= -1 && kFirstMoment < kStates, "kFirstMomentState names one of the rule's states");
+  static_assert(R::kNumRequiredStates == kStates, "a CUDA rule is instantiated per option: every state it declares is present");
   typename R::template For<O> rule;
   O scale;
   bool unscale;
@@ -190,7 +204,8 @@ struct ElementStep {
     if (unscale) scale = static_cast<O>(*s.grad_scale);
   }
 
-  __device__ __forceinline__ void operator()(T& p_s, T& g_s, T& m_s, T& v_s, T& vmax_s, const T& prev_s,
+  // state_s: the rule's state values in the storage type, slots 0 .. kStates-1 (the rest unused).
+  __device__ __forceinline__ void operator()(T& p_s, T& g_s, T (&state_s)[kMaxStates], const T& prev_s,
                                              O* acc) const {
     O g = Traits<T>::load(g_s);
     if (unscale) {
@@ -199,20 +214,20 @@ struct ElementStep {
     }
     O p = Traits<T>::load(p_s);
     const O p_old = p;
-    O m = Traits<T>::load(m_s);
-    O v = Traits<T>::load(v_s);
-    O vmax = amsgrad ? Traits<T>::load(vmax_s) : O(0);
+    O state[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k) state[k] = k < kStates ? Traits<T>::load(state_s[k]) : O(0);
     O moment, denom;
-    rule.apply(p, g, m, v, vmax, moment, denom);
+    rule.apply(p, g, state, moment, denom);
     p_s = Traits<T>::store(p);
-    m_s = Traits<T>::store(m);
-    v_s = Traits<T>::store(v);
-    if constexpr (amsgrad) vmax_s = Traits<T>::store(vmax);
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) state_s[k] = Traits<T>::store(state[k]);
     if constexpr (kStats) {
       const O p_new = Traits<T>::load(p_s);  // the value as stored: Δθ is the change actually applied
       const O prev = kPrev ? Traits<T>::load(prev_s) : O(0);
+      const O first_moment = kFirstMoment >= 0 ? state[kFirstMoment < 0 ? 0 : kFirstMoment] : O(0);
       DirectAccumulator<O> stats{acc, rule.step_size()};
-      contribute<kPrev>(stats, Observed<O>{g, m, moment, denom, p_new - p_old, p_new, prev});
+      contribute<kPrev>(stats, Observed<O>{g, first_moment, moment, denom, p_new - p_old, p_new, prev});
     }
   }
 };
@@ -255,7 +270,7 @@ __global__ void __launch_bounds__(kThreads)
   using O = typename Traits<T>::O;
   constexpr bool kStats = stats != Stats::kOff;
   constexpr bool kPrev = stats == Stats::kOnPrev;
-  constexpr bool amsgrad = R::kUsesMaxSecond;
+  constexpr int kStates = R::kNumStates;  // state arrays kFirstState .. kFirstState + kStates - 1
   constexpr int kVec = 16 / sizeof(T);
   struct alignas(16) Pack {
     T v[kVec];
@@ -278,9 +293,9 @@ __global__ void __launch_bounds__(kThreads)
 
   T* const __restrict__ param = static_cast<T*>(t.ptr[kParam]) + begin;
   T* const __restrict__ grad = static_cast<T*>(t.ptr[kGrad]) + begin;
-  T* const __restrict__ exp_avg = static_cast<T*>(t.ptr[kExpAvg]) + begin;
-  T* const __restrict__ second = static_cast<T*>(t.ptr[kSecond]) + begin;
-  T* const __restrict__ max_second = amsgrad ? static_cast<T*>(t.ptr[kMaxSecond]) + begin : nullptr;
+  T* __restrict__ state[kMaxStates];
+#pragma unroll
+  for (int k = 0; k < kMaxStates; ++k) state[k] = k < kStates ? static_cast<T*>(t.ptr[kFirstState + k]) + begin : nullptr;
   const T* const __restrict__ prev = kPrev ? static_cast<const T*>(t.ptr[kPrev]) + begin : nullptr;
 
   // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
@@ -292,40 +307,46 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < kNumStats; ++k) acc[k] = O(0);
 
-  const uintptr_t addresses = reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(grad) |
-                              reinterpret_cast<uintptr_t>(exp_avg) | reinterpret_cast<uintptr_t>(second) |
-                              reinterpret_cast<uintptr_t>(max_second) | reinterpret_cast<uintptr_t>(prev);
+  uintptr_t addresses = reinterpret_cast<uintptr_t>(param) | reinterpret_cast<uintptr_t>(grad) |
+                        reinterpret_cast<uintptr_t>(prev);
+#pragma unroll
+  for (int k = 0; k < kStates; ++k) addresses |= reinterpret_cast<uintptr_t>(state[k]);
   int64_t scalar_begin = 0;
   if (addresses % 16 == 0) {
     const int64_t num_vecs = n / kVec;
     for (int64_t k = threadIdx.x; k < num_vecs; k += kThreads) {
       Pack p = reinterpret_cast<const Pack*>(param)[k];
       Pack g = reinterpret_cast<const Pack*>(grad)[k];
-      Pack m = reinterpret_cast<const Pack*>(exp_avg)[k];
-      Pack v = reinterpret_cast<const Pack*>(second)[k];
-      Pack vmax, q;
-      if constexpr (amsgrad) vmax = reinterpret_cast<const Pack*>(max_second)[k];
+      Pack st[kMaxStates], q;
+#pragma unroll
+      for (int s_ = 0; s_ < kStates; ++s_) st[s_] = reinterpret_cast<const Pack*>(state[s_])[k];
       if constexpr (kPrev) q = reinterpret_cast<const Pack*>(prev)[k];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) element(p.v[j], g.v[j], m.v[j], v.v[j], vmax.v[j], q.v[j], acc);
+      for (int j = 0; j < kVec; ++j) {
+        T st_j[kMaxStates];
+#pragma unroll
+        for (int s_ = 0; s_ < kStates; ++s_) st_j[s_] = st[s_].v[j];
+        element(p.v[j], g.v[j], st_j, q.v[j], acc);
+#pragma unroll
+        for (int s_ = 0; s_ < kStates; ++s_) st[s_].v[j] = st_j[s_];
+      }
       reinterpret_cast<Pack*>(param)[k] = p;
-      reinterpret_cast<Pack*>(exp_avg)[k] = m;
-      reinterpret_cast<Pack*>(second)[k] = v;
-      if constexpr (amsgrad) reinterpret_cast<Pack*>(max_second)[k] = vmax;
+#pragma unroll
+      for (int s_ = 0; s_ < kStates; ++s_) reinterpret_cast<Pack*>(state[s_])[k] = st[s_];
       if (element.unscale) reinterpret_cast<Pack*>(grad)[k] = g;
     }
     scalar_begin = num_vecs * kVec;
   }
   // The tail (fewer than kVec elements), or the whole chunk when a pointer is not 16-byte aligned.
   for (int64_t i = scalar_begin + threadIdx.x; i < n; i += kThreads) {
-    T p = param[i], g = grad[i], m = exp_avg[i], v = second[i], vmax, q;
-    if constexpr (amsgrad) vmax = max_second[i];
+    T p = param[i], g = grad[i], st[kMaxStates], q;
+#pragma unroll
+    for (int s_ = 0; s_ < kStates; ++s_) st[s_] = state[s_][i];
     if constexpr (kPrev) q = prev[i];
-    element(p, g, m, v, vmax, q, acc);
+    element(p, g, st, q, acc);
     param[i] = p;
-    exp_avg[i] = m;
-    second[i] = v;
-    if constexpr (amsgrad) max_second[i] = vmax;
+#pragma unroll
+    for (int s_ = 0; s_ < kStates; ++s_) state[s_][i] = st[s_];
     if (element.unscale) grad[i] = g;
   }
 

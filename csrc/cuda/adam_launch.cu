@@ -124,9 +124,8 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
         LaunchTensor& t = launch.tensors[launch.num_tensors];
         t.ptr[kParam] = h.param;
         t.ptr[kGrad] = h.grad;
-        t.ptr[kExpAvg] = h.exp_avg;
-        t.ptr[kSecond] = h.second;
-        t.ptr[kMaxSecond] = amsgrad ? h.max_second : nullptr;
+        // The rule's state tensors as the glue filled them (adam_step_call.h); absent ones null.
+        for (int k = 0; k < kMaxStates; ++k) t.ptr[kFirstState + k] = h.state[k];
         t.ptr[kPrev] = mode == Stats::kOnPrev ? const_cast<void*>(h.prev_step) : nullptr;
         t.step = h.step;
         t.numel = h.numel;

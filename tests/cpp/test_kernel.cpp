@@ -66,9 +66,10 @@ std::vector<double> run_kernel(void (*process)(const cpu::KernelArgs&, int64_t, 
   cpu::TensorArgs t{};
   t.param = b.p.data();
   t.grad = b.g.data();
-  t.exp_avg = b.m.data();
-  t.second = b.v.data();
-  t.max_second = c.amsgrad ? b.vmax.data() : nullptr;
+  // The Adam family's state slots (adam_math.h, AdamState); no max_exp_avg_sq without amsgrad.
+  t.state[ia::AdamState::kExpAvg] = b.m.data();
+  t.state[ia::AdamState::kSecondMoment] = b.v.data();
+  t.state[ia::AdamState::kMaxSecondMoment] = c.amsgrad ? b.vmax.data() : nullptr;
   t.prev_step = b.prev.data();
   t.numel = n;
   t.dtype = cpu::DType::kFloat;
@@ -81,7 +82,7 @@ std::vector<double> run_kernel(void (*process)(const cpu::KernelArgs&, int64_t, 
   if (half > 0) items.push_back({0, 0, half});
   if (n > half) items.push_back({0, half, n});
   std::vector<double> item_stats(items.size() * ia::kNumStats, 0.0);
-  cpu::KernelArgs args{c.algo, c.amsgrad, true, true, nullptr, &t, items.data(), item_stats.data()};
+  cpu::KernelArgs args{c.algo, true, true, nullptr, &t, items.data(), item_stats.data()};
   process(args, 0, static_cast<int64_t>(items.size()));
   std::vector<double> row(ia::kNumStats, 0.0);
   for (size_t k = 0; k < items.size(); ++k) {
