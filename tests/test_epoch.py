@@ -138,15 +138,19 @@ def test_epoch_geometry_disabled():
 
 
 def test_end_epoch_before_any_step():
-    """An epoch without steps: all-zero rows, and the next epoch still measures from θ_0."""
+    """An epoch without steps is not an epoch (issue 10: it used to record a zero step and make
+    the real first epoch a 'second' one): end_epoch() warns and returns None, and the next epoch
+    is the first, measured from θ_0."""
     params = make_params((5, 6))
     opt = ia.Adam(params, lr=1e-2)
-    geometry = opt.end_epoch()
-    assert torch.all(geometry.values == 0)
+    with pytest.warns(UserWarning, match="without a step"):
+        assert opt.end_epoch() is None
+    assert opt.epochs_done == 0
     theta0 = [f64(p) for p in params]
     set_grads(params, GradBank((5, 6)).grads(0))
     opt.step()
     geometry = opt.end_epoch()
+    assert geometry.epoch == 0 and not geometry.has_previous
     for i, p in enumerate(params):
         s = p.double() - theta0[i]
         assert geometry.values[i, 0].item() == pytest.approx(float((s * s).sum()), rel=REL)

@@ -159,7 +159,7 @@ def test_resume_mid_run_is_bitwise(name):
     record = []
     run_with_epochs(opt, first, bank, 0, 30, 12, record)  # stops 6 steps into the third epoch
     checkpoint = roundtrip({"params": [p.detach() for p in first], "optim": opt.state_dict()})
-    assert checkpoint["optim"]["instrumentation"] == {"steps_done": 30, "epochs_done": 2}
+    assert checkpoint["optim"]["instrumentation"] == {"steps_done": 30, "epochs_done": 2, "steps_at_epoch_end": 24}
 
     resumed_p = [p.clone() for p in checkpoint["params"]]
     resumed = ours_cls(groups(resumed_p), **kwargs)

@@ -23,6 +23,7 @@ Instrumentation options (keyword-only):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -157,8 +158,10 @@ class _Bookkeeping:
     statistics buffer and the plan cache.
     """
 
-    def __init__(self, steps_done: int = 0, epochs_done: int = 0) -> None:
+    def __init__(self, steps_done: int = 0, epochs_done: int = 0, steps_at_epoch_end: int = 0) -> None:
         self.plans: dict[int, _GroupPlan] = {}
+        # steps_done when end_epoch() last closed an epoch (-1: unknown, from an older checkpoint)
+        self.steps_at_epoch_end = steps_at_epoch_end
         self.layout: _Layout | None = None
         self.steps_done = steps_done  # step() calls so far (an exact integer, unlike a float32 counter)
         self.epochs_done = epochs_done  # end_epoch() calls so far
@@ -228,7 +231,7 @@ class _Instrumented:
         state = super().__getstate__()
         state["statistics"] = self.statistics
         state["epoch_geometry"] = self.epoch_geometry
-        state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done)
+        state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done, self._ia.steps_at_epoch_end)
         return state
 
     # ---- structure --------------------------------------------------------------------------
@@ -568,16 +571,24 @@ class _Instrumented:
         return torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]), _sumsq_f64(new_prev)
 
     @torch.no_grad()
-    def end_epoch(self) -> EpochGeometry:
+    def end_epoch(self) -> EpochGeometry | None:
         """Closes an epoch: measures its step s_k = θ − θ_end(k−1) per parameter, in float64.
 
         Returns ‖s_k‖², ⟨s_k, s_{k−1}⟩, ‖s_{k−1}‖² and ‖θ − θ_0‖² per parameter (see
         `EpochGeometry`), then keeps s_k for the next epoch's per-step `update_dot_prev_epoch`
         and θ as the next epoch's start. One pass over the parameters (on CPU one parallel op
-        call for all of them); nothing per step.
+        call for all of them); nothing per step. Without a step since the last epoch end it does
+        nothing, warns and returns None.
         """
         if not self.epoch_geometry:
             raise RuntimeError("instrumented_adam: this optimizer was built with epoch_geometry=False")
+        if self.steps_done == self._ia.steps_at_epoch_end:
+            # An epoch without a step (an evaluation before training starts, as nanoGPT does at
+            # iteration 0, or end_epoch() called twice) has no step to measure; closing it would
+            # record a zero step, lose the next epoch's angle and overwrite s_{k-1}.
+            warnings.warn("instrumented_adam: end_epoch() without a step since the last epoch end (or the start) "
+                          "does nothing and returns None", stacklevel=2)
+            return None
         layout = self._get_layout()
         device = layout.device
         zero_row = torch.zeros(len(EPOCH_COLUMNS), dtype=torch.float64, device=device)
@@ -623,6 +634,7 @@ class _Instrumented:
         )
         self._ia.prev_step_sumsq = torch.stack(next_prev_sumsq) if next_prev_sumsq else None
         self.epochs_done += 1
+        self._ia.steps_at_epoch_end = self.steps_done
         self._ia.plans = {}  # the previous epoch's steps now take part in the step
         return geometry
 
@@ -630,7 +642,13 @@ class _Instrumented:
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict plus an `instrumentation` entry (counters); torch.optim ignores it."""
         state_dict = super().state_dict()
-        state_dict[INSTRUMENTATION_KEY] = {"steps_done": self.steps_done, "epochs_done": self.epochs_done}
+        for group in state_dict["param_groups"]:
+            # Our step follows torch's fused arithmetic (Adam, AdamW): say so, so that torch.optim
+            # loading this checkpoint continues on its fused path, not silently on another one.
+            if "fused" in group and not group.get("differentiable"):
+                group["fused"] = True
+        state_dict[INSTRUMENTATION_KEY] = {"steps_done": self.steps_done, "epochs_done": self.epochs_done,
+                                           "steps_at_epoch_end": self._ia.steps_at_epoch_end}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -641,6 +659,8 @@ class _Instrumented:
         self._invalidate()  # ‖s_{k-1}‖² is recomputed from the loaded buffers when needed
         self.steps_done = int(counters.get("steps_done", 0))
         self.epochs_done = int(counters.get("epochs_done", 0))
+        # An older checkpoint does not say where the last epoch ended: then any end_epoch() counts.
+        self._ia.steps_at_epoch_end = int(counters.get("steps_at_epoch_end", 0 if self.epochs_done == 0 else -1))
 
     def _prev_sumsq_from_state(self) -> Tensor:
         """‖s_{k-1}‖² per row from the stored buffers (what end_epoch computed, bit for bit)."""
