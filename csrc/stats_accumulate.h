@@ -48,7 +48,12 @@ struct Observed {
 };
 
 template <bool kPrevDot, class Acc, class V>
-IA_HOST_DEVICE constexpr void contribute(Acc& acc, const Observed<V>& o) {
+#if defined(__CUDACC__)
+IA_HOST_DEVICE constexpr void contribute(
+#else
+__attribute__((always_inline)) inline constexpr void contribute(
+#endif
+    Acc& acc, const Observed<V>& o) {
   acc.sum_of_products(k_grad_sumsq, o.grad, o.grad);
   acc.sum_of_products(k_exp_avg_sumsq, o.first_moment, o.first_moment);
   acc.sum(k_second_moment_sum, o.second_moment);

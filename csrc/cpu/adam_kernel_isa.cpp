@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace instrumented_adam {
 inline namespace CPU_CAPABILITY {
@@ -197,74 +198,105 @@ struct SimdStats {
   using O = typename V::value_type;
   V acc[kNumStats];
   WideSum<V> total[kNumStats];
-  V block[kNumStats][kFlushEvery];  // per vector of the block: x of lazy counts, d of quotient sums
+  // Per vector of the block: x of lazy counts, d of quotient sums. Kept outside this object: it is
+  // indexed at run time (by the vector's place in the block), and GCC keeps an aggregate indexed at
+  // run time in memory as a whole, `acc` included, at a load and a store per statistic and vector in
+  // the hot loop. With this, the compile-time statistic indices of for_each_stat and the inlined
+  // flush/finish (an out-of-line member call lets `this` escape, with the same effect), `acc` stays
+  // in registers. Measured with bench/bench_kernel.py (1e5 fp32 elements in cache, 1 thread, AMD
+  // EPYC AVX-512): 0.095 ms without these, 0.068 ms with them, 0.065 ms before the statistics code
+  // was shared with CUDA; the block change alone gave 0.103 ms.
+  using Block = V[kNumStats][kFlushEvery];
+  Block& block;
   int64_t counted[kNumStats] = {};
   int pending = 0;  // vectors in the current block
 
-  SimdStats() {
-    for (int s = 0; s < kNumStats; ++s) {
+  explicit SimdStats(Block& kept) : block(kept) {
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
       acc[s] = kStatPlan[s].how == Accumulation::kMaxOfQuotients ? V(std::numeric_limits<O>::infinity()) : V(O(0));
-    }
+    });
   }
 
-  void sum_of_products(int s, const V& a, const V& b) { acc[s] = ia_fmadd(a, b, acc[s]); }
-  void sum(int s, const V& a) { acc[s] += a; }
-  void count_nonfinite(int s, const V& x, int witness) {
+  C10_ALWAYS_INLINE void sum_of_products(int s, const V& a, const V& b) { acc[s] = ia_fmadd(a, b, acc[s]); }
+  C10_ALWAYS_INLINE void sum(int s, const V& a) { acc[s] += a; }
+  C10_ALWAYS_INLINE void count_nonfinite(int s, const V& x, int witness) {
     if (witness < 0) acc[s] += ia_nonfinite(x); else block[s][pending] = x;
   }
-  void sum_of_quotients(int s, const V& d) {
+  C10_ALWAYS_INLINE void sum_of_quotients(int s, const V& d) {
     acc[s] += fast_reciprocal(d);
     block[s][pending] = d;
   }
-  void max_of_quotients(int s, const V& d, int /*nan_witness*/) { acc[s] = fast_minimum(d, acc[s]); }
+  C10_ALWAYS_INLINE void max_of_quotients(int s, const V& d, int /*nan_witness*/) { acc[s] = fast_minimum(d, acc[s]); }
 
   // After each vector's contributions.
-  void next_vector() {
+  C10_ALWAYS_INLINE void next_vector() {
     if (++pending == kFlushEvery) flush();
   }
 
-  void flush() {
-    for (int s = 0; s < kNumStats; ++s) {
-      const StatPlan& plan = kStatPlan[s];
-      if (plan.how == Accumulation::kCountNonfinite && plan.witness >= 0 &&
-          C10_UNLIKELY(acc[plan.witness].has_inf_nan())) {
-        for (int b = 0; b < pending; ++b) {
-          alignas(64) O lanes[V::size()];
-          block[s][b].store(lanes);
-          for (int l = 0; l < V::size(); ++l) counted[s] += ia_nonfinite(lanes[l]) != O(0);
+  // Every statistic index below is a compile-time constant (see `block` above for why).
+  template <class F, int... S>
+  static C10_ALWAYS_INLINE void for_each_stat_impl(F&& f, std::integer_sequence<int, S...>) {
+    (f(std::integral_constant<int, S>{}), ...);
+  }
+  template <class F>
+  static C10_ALWAYS_INLINE void for_each_stat(F&& f) {
+    for_each_stat_impl(f, std::make_integer_sequence<int, kNumStats>{});
+  }
+
+  C10_ALWAYS_INLINE void flush() {
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
+      constexpr StatPlan plan = kStatPlan[s];
+      if constexpr (plan.how == Accumulation::kCountNonfinite && plan.witness >= 0) {
+        if (C10_UNLIKELY(acc[plan.witness].has_inf_nan())) {
+          for (int b = 0; b < pending; ++b) {
+            alignas(64) O lanes[V::size()];
+            block[s][b].store(lanes);
+            for (int l = 0; l < V::size(); ++l) counted[s] += ia_nonfinite(lanes[l]) != O(0);
+          }
         }
       }
-    }
-    for (int s = 0; s < kNumStats; ++s) {
-      if (kStatPlan[s].how == Accumulation::kSumOfQuotients && C10_UNLIKELY(acc[s].has_inf_nan())) {
-        V exact(O(0));
-        for (int b = 0; b < pending; ++b) exact += V(O(1)) / block[s][b];
-        acc[s] = exact;
+    });
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
+      if constexpr (kStatPlan[s].how == Accumulation::kSumOfQuotients) {
+        if (C10_UNLIKELY(acc[s].has_inf_nan())) {
+          V exact(O(0));
+          for (int b = 0; b < pending; ++b) exact += V(O(1)) / block[s][b];
+          acc[s] = exact;
+        }
       }
-    }
-    for (int s = 0; s < kNumStats; ++s) {
-      if (kept_in_lanes(s)) continue;
-      total[s].add(acc[s]);
-      acc[s] = V(O(0));
-    }
+    });
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
+      if constexpr (!kept_in_lanes(s)) {
+        total[s].add(acc[s]);
+        acc[s] = V(O(0));
+      }
+    });
     pending = 0;
   }
 
   // Writes the work item's values; `numerator` is the rule's step-size numerator c.
-  void finish(O numerator, double* out) {
+  C10_ALWAYS_INLINE void finish(O numerator, double* out) {
     if (pending > 0) flush();
-    for (int s = 0; s < kNumStats; ++s) {
-      if (kStatPlan[s].how == Accumulation::kMaxOfQuotients) continue;
-      out[s] = kept_in_lanes(s) ? static_cast<double>(counted[s]) : total[s].sum();
-      if (kStatPlan[s].how == Accumulation::kSumOfQuotients) out[s] *= static_cast<double>(numerator);
-    }
-    for (int s = 0; s < kNumStats; ++s) {
-      const StatPlan& plan = kStatPlan[s];
-      if (plan.how != Accumulation::kMaxOfQuotients) continue;
-      // Divided in the compute type, as the per-element quotient would be: bitwise the largest one.
-      out[s] = std::isnan(out[plan.witness]) ? out[plan.witness]
-                                              : static_cast<double>(numerator / horizontal_min(acc[s]));
-    }
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
+      if constexpr (kStatPlan[s].how != Accumulation::kMaxOfQuotients) {
+        out[s] = kept_in_lanes(s) ? static_cast<double>(counted[s]) : total[s].sum();
+        if constexpr (kStatPlan[s].how == Accumulation::kSumOfQuotients) out[s] *= static_cast<double>(numerator);
+      }
+    });
+    for_each_stat([&](auto stat) {
+      constexpr int s = decltype(stat)::value;
+      constexpr StatPlan plan = kStatPlan[s];
+      if constexpr (plan.how == Accumulation::kMaxOfQuotients) {
+        // Divided in the compute type, as the per-element quotient would be: bitwise the largest one.
+        out[s] = std::isnan(out[plan.witness]) ? out[plan.witness]
+                                                : static_cast<double>(numerator / horizontal_min(acc[s]));
+      }
+    });
   }
 
  private:
@@ -307,7 +339,8 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   auto* prev_step = static_cast<const scalar_t*>(t.prev_step);
   const float* grad_scale = args.grad_scale;
 
-  SimdStats<V> stats;
+  typename SimdStats<V>::Block kept_block;
+  SimdStats<V> stats(kept_block);
   const V infinity(std::numeric_limits<O>::infinity());
 
   // One SIMD step of n elements at i; kTail: n < IO::kStep (only the last step of a range), so
