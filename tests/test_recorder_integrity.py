@@ -146,10 +146,6 @@ def test_mid_epoch_bookkeeping_does_not_grow_with_the_epoch(tmp_path):
 
 
 # ---- 4. a late metric after a checkpoint -----------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "store side: truncate_run deletes the late metric (metrics.step/seq, landed), but verify_position still "
-    "counts it and refuses the resume ('rows that differ'): the second H3 request in the store contract. "
-    "Remove this marker when it lands (strict: the test then XPASSes and fails)"))
 def test_a_late_metric_after_the_checkpoint_does_not_block_it_after_resume(tmp_path):
     """Reproduction: end_epoch, checkpoint, log_metrics(epoch=0, test_loss=...), crash; the
     resumed run logs the same late metric: MetricClashError (the first one survived truncation)."""

@@ -84,3 +84,33 @@ def test_end_epoch_before_any_step_is_a_no_op():
     _steps(model, resumed, 5, seed=5)
     third = resumed.end_epoch().derived()
     assert torch.isfinite(third["cos_prev"]).all() and float(third["prev_step_norm"]) > 0
+
+
+def test_distance_from_init_after_a_torch_checkpoint_is_said_to_start_at_the_load(tmp_path):
+    """After loading a torch.optim checkpoint θ₀ is the parameters at load time (the optimizer
+    never saw the real initialisation): the run says so in the store, and `check` reports it."""
+    from instrumented_adam.analysis.health import check_run
+    from instrumented_adam.telemetry.recorder import Recorder
+    from instrumented_adam.telemetry.store import THETA0_ORIGIN_KEY, RunStore
+
+    model = _model()
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _steps(model, theirs, 30, seed=6)
+    ours = ia.AdamW(model.parameters(), lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    with Recorder(ours, tmp_path / "s.sqlite", run_name="continued", model=model) as rec:
+        for _ in range(2):
+            _steps(model, ours, 3, seed=7)
+            rec.end_epoch(train_loss=1.0)
+    with RunStore(tmp_path / "s.sqlite", readonly=True) as store:
+        origin = store.run_info("continued")["hyperparameters"][THETA0_ORIGIN_KEY]
+        assert "torch.optim checkpoint at step 30" in origin
+        assert any(f.kind == "theta0_origin" for f in check_run(store, "continued").findings)
+
+    # A run that starts from scratch carries no such note.
+    fresh = _model()
+    with Recorder(ia.AdamW(fresh.parameters(), lr=1e-2), tmp_path / "f.sqlite", run_name="fresh", model=fresh) as rec:
+        _steps(fresh, rec.optimizer, 3, seed=8)
+        rec.end_epoch(train_loss=1.0)
+    with RunStore(tmp_path / "f.sqlite", readonly=True) as store:
+        assert THETA0_ORIGIN_KEY not in store.run_info("fresh")["hyperparameters"]

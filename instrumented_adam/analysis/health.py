@@ -35,6 +35,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from ..telemetry.store import THETA0_ORIGIN_KEY
 from .relations import RunData, load_runs
 
 Severity = Literal["error", "warning", "info"]
@@ -285,6 +286,12 @@ def _check_status(run: RunData, out: list[Finding]) -> None:
         out.append(Finding("status", "info", f"still running (or stopped without closing its recorder){detail}"))
 
 
+def _check_theta0(run: RunData, out: list[Finding]) -> None:
+    origin = run.hyperparameters.get(THETA0_ORIGIN_KEY)
+    if origin:
+        out.append(Finding("theta0_origin", "info", f"distance from init is measured from {origin}"))
+
+
 def diagnose(run: RunData, thresholds: HealthThresholds | None = None) -> RunHealth:
     """The health findings of one loaded run (see the module docstring for the checks)."""
     th = thresholds or HealthThresholds()
@@ -295,6 +302,7 @@ def diagnose(run: RunData, thresholds: HealthThresholds | None = None) -> RunHea
     _check_overfitting(run, th, findings)
     _check_skipped(run, findings)
     _check_frozen(run, th, findings)
+    _check_theta0(run, findings)
     return RunHealth(run.run_id, run.name, str(run.info.get("status") or ""), findings)
 
 

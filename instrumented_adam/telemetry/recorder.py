@@ -42,7 +42,7 @@ import torch
 from . import lineage
 from .capture import StepCapture
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, model_fingerprint, rng_state
-from .store import RunStore, StoreError
+from .store import THETA0_ORIGIN_KEY, RunStore, StoreError
 from .writer import AGGREGATES, EPOCH_FIGURES, LAYER_COLUMNS, STEP_FIGURES, RunWriter
 
 #: Recorders attached to an optimizer (a second one would measure an epoch step of 0: refused).
@@ -211,6 +211,11 @@ class Recorder:
         config = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         if hyperparameters is None:
             hyperparameters = {"optimizer": type(opt).__name__, **config[0]} if config else {}
+        if self._step_offset > 0:
+            # The optimizer continues a torch.optim checkpoint: its θ₀ is where it was loaded.
+            hyperparameters = {**hyperparameters, THETA0_ORIGIN_KEY: (
+                f"the parameters when a torch.optim checkpoint at step {self._step_offset} was loaded, "
+                "not the training's initialisation")}
         self.run_name = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         return self.store.create_run(
             self.run_name,

@@ -245,6 +245,11 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
 
 
+#: Key of a run's hyperparameters that says what "distance from init" (‖θ − θ₀‖) is measured from,
+#: when it is not the training's initialisation (a run that continues a torch.optim checkpoint).
+THETA0_ORIGIN_KEY = "theta0_origin"
+
+
 class StoreError(ValueError):
     """A store cannot be opened or used as asked (the message says why)."""
 
@@ -1116,21 +1121,26 @@ class RunStore:
                     os.close(fd)
         return {"busy": int(busy), "wal_frames": int(log), "checkpointed_frames": int(done)}
 
-    def _position_counts(self, conn: sqlite3.Connection, run_id: int, last_step: int | None, last_epoch: int | None) -> tuple[dict[str, int], str]:
+    def _position_counts(self, conn: sqlite3.Connection, run_id: int, last_step: int | None, last_epoch: int | None,
+                         metrics_seq: int | None = None) -> tuple[dict[str, int], str]:
         """Row counts and a digest of the row keys of a run, within (step <= last_step,
-        epoch <= last_epoch): one indexed aggregate per table, no row read into Python."""
+        epoch <= last_epoch, and for metrics seq <= metrics_seq when given: a metric logged after
+        the checkpoint, at its epoch, is beyond the position): one indexed aggregate per table, no
+        row read into Python."""
         step_bound = last_step if last_step is not None else -1
         epoch_bound = last_epoch if last_epoch is not None else -1
+        metrics_filter = " AND seq<=?" if metrics_seq is not None and self._version >= 2 else ""
         queries = {
             "steps": ("SELECT count(*), COALESCE(sum(step), 0), COALESCE(sum(epoch), 0) FROM steps WHERE run_id=? AND step<=?", step_bound),
             "step_groups": ("SELECT count(*), COALESCE(sum(step), 0), COALESCE(sum(grp), 0) FROM step_groups WHERE run_id=? AND step<=?", step_bound),
             "epochs": ("SELECT count(*), COALESCE(sum(epoch), 0), COALESCE(sum(step), 0) FROM epochs WHERE run_id=? AND epoch<=?", epoch_bound),
             "layer_epochs": ("SELECT count(*), COALESCE(sum(epoch), 0), COALESCE(sum(layer_index), 0) FROM layer_epochs WHERE run_id=? AND epoch<=?", epoch_bound),
-            "metrics": ("SELECT count(*), COALESCE(sum(epoch), 0), COALESCE(sum(length(name)), 0) FROM metrics WHERE run_id=? AND epoch<=?", epoch_bound),
+            "metrics": ("SELECT count(*), COALESCE(sum(epoch), 0), COALESCE(sum(length(name)), 0) FROM metrics WHERE run_id=? AND epoch<=?" + metrics_filter, epoch_bound),
         }
         counts, digest = {}, hashlib.sha256()
         for table, (sql, bound) in queries.items():
-            row = conn.execute(sql, (run_id, bound)).fetchone()
+            args = (run_id, bound, metrics_seq) if table == "metrics" and metrics_filter else (run_id, bound)
+            row = conn.execute(sql, args).fetchone()
             counts[table] = int(row[0])
             digest.update(f"{table}:{row[0]}:{row[1]}:{row[2]};".encode())
         return counts, digest.hexdigest()
@@ -1147,10 +1157,12 @@ class RunStore:
         with self._snapshot() as conn:
             last_step = conn.execute("SELECT max(step) FROM steps WHERE run_id=?", (run_id,)).fetchone()[0]
             last_epoch = conn.execute("SELECT max(epoch) FROM epochs WHERE run_id=?", (run_id,)).fetchone()[0]
-            counts, digest = self._position_counts(conn, run_id, last_step, last_epoch)
             metrics_seq = None
             if self._version >= 2:
                 metrics_seq = conn.execute("SELECT max(seq) FROM metrics WHERE run_id=?", (run_id,)).fetchone()[0]
+            # (on a v2 store: no metric yet is seq 0, as truncate_run reads it)
+            counts, digest = self._position_counts(conn, run_id, last_step, last_epoch,
+                                                   (metrics_seq or 0) if self._version >= 2 else None)
         return {"run_id": run_id, "last_step": last_step, "last_epoch": last_epoch, "rows": counts, "digest": digest,
                 "metrics_seq": metrics_seq}
 
@@ -1166,7 +1178,8 @@ class RunStore:
         run_id = self.run_id(run)
         last_step, last_epoch = position.get("last_step"), position.get("last_epoch")
         with self._snapshot() as conn:
-            counts, digest = self._position_counts(conn, run_id, last_step, last_epoch)
+            seq = position.get("metrics_seq", -1)  # absent (-1): a checkpoint older than metrics.seq
+            counts, digest = self._position_counts(conn, run_id, last_step, last_epoch, None if seq == -1 else (seq or 0))
             have_step = conn.execute("SELECT max(step) FROM steps WHERE run_id=? AND step<=?", (run_id, last_step if last_step is not None else -1)).fetchone()[0]
             have_epoch = conn.execute("SELECT max(epoch) FROM epochs WHERE run_id=? AND epoch<=?", (run_id, last_epoch if last_epoch is not None else -1)).fetchone()[0]
         if digest == position.get("digest"):
