@@ -1,4 +1,4 @@
-"""Build of instrumented_adam's op library (see BUILD_NOTES.md in the team's shared folder).
+"""Build of instrumented_adam's op library (see docs/design.md, "Building").
 
 torch must already be installed: build with `pip install -e . --no-build-isolation` (or
 `./scripts/install.sh`, which does everything). torch is deliberately not a build requirement:

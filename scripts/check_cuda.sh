@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA sources on a machine without a GPU or a CUDA build of torch
-# (BUILD_NOTES.md, "CUDA on a CPU-only machine"): nvcc -c every csrc/cuda/*.cu for sm_90 with full
+# (docs/design.md, "Building"): nvcc -c every csrc/cuda/*.cu for sm_90 with full
 # ptxas and its register/spill report, and c++ -fsyntax-only the torch glue (csrc/cuda/*.cpp)
 # against the installed torch's headers. Nothing is linked or run. Exits non-zero on any error.
 #

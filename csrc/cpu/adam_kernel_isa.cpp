@@ -1,6 +1,6 @@
 // The vectorised CPU kernel. This file is compiled once per instruction set (DEFAULT, AVX2,
 // AVX512) with the matching -m flags and CPU_CAPABILITY macros (see setup.py / CMakeLists.txt):
-// without the macros at::vec falls back to its slow generic arrays (BUILD_NOTES.md).
+// without the macros at::vec falls back to its slow generic arrays (docs/design.md, "Building").
 // Raw pointers only; the torch glue is in adam_cpu.cpp.
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -419,7 +419,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       }
       IO::round_trip(p);
       if constexpr (!std::is_same_v<scalar_t, O>) {
-        // bf16/fp16: the statistics describe the stored state (DESIGN.md), so m, the second moment
+        // bf16/fp16: the statistics describe the stored state (docs/design.md, "Numeric rules"), so m, the second moment
         // and the gradient grad_scale wrote back are rounded to the storage type as stored, and
         // the denominator (eff_lr) is recomputed from the stored moment. Without this they saw the
         // fp32 register values, up to 2^-8 relative off per element (exp_avg_sumsq off by 1.9e-3

@@ -6,7 +6,7 @@
 // grad_scale and found_inf are read by the kernels, and the only allocation is the partials buffer
 // from torch's caching allocator, so the op runs under torch.cuda.set_sync_debug_mode("error") and
 // inside CUDA graph capture. Narrow headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h):
-// see BUILD_NOTES.md.
+// see docs/design.md, "Building".
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
