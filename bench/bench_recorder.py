@@ -184,14 +184,13 @@ def breakdown(name: str, device: torch.device, steps: int, tmp: Path) -> dict:
     device and writing them to the store; end_epoch: the recorder's whole epoch end, of which
     optimizer.end_epoch (the optimizer's epoch-geometry pass) is shown apart.
     """
-    labels = {"_on_step": "step hook", "_launch_flush": "flush", "end_epoch": "end_epoch"}
+    # _emit: the capture hands a full ring of steps to the writer (derive on the device, write).
+    labels = {"_on_step": "step hook", "_emit": "flush", "end_epoch": "end_epoch"}
     spent: dict[str, list[float]] = {label: [] for label in (*labels.values(), "optimizer.end_epoch")}
 
-    def timed(label, fn, only_if_buffered=False):
+    def timed(label, fn):
         @functools.wraps(fn)
         def wrapper(self, *args, **kwargs):
-            if only_if_buffered and not self._fill:
-                return fn(self, *args, **kwargs)
             t0 = time.perf_counter()
             try:
                 return fn(self, *args, **kwargs)
@@ -203,7 +202,7 @@ def breakdown(name: str, device: torch.device, steps: int, tmp: Path) -> dict:
     originals[(ia.Adam, "end_epoch")] = ia.Adam.end_epoch
     for (cls, attr), fn in originals.items():
         label = labels.get(attr, "optimizer.end_epoch") if cls is Recorder else "optimizer.end_epoch"
-        setattr(cls, attr, timed(label, fn, only_if_buffered=attr == "_launch_flush"))
+        setattr(cls, attr, timed(label, fn))
     try:
         factory, batch = MODELS[name]
         torch.manual_seed(0)
