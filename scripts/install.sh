@@ -19,7 +19,9 @@ DEPENDENCIES="pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboa
 # incremental build (seconds when nothing changed). pip's editable install always rebuilds from
 # scratch, so it runs only when the stamp differs.
 STAMP="$VENV/.instrumented_adam-install"
-WANT="$(cat setup.py scripts/install.sh | sha256sum | cut -c1-16) torch==${TORCH_VERSION}"
+LOG="$VENV/.instrumented_adam-build.log"
+source scripts/build_progress.sh
+WANT="$(cat setup.py scripts/install.sh scripts/build_progress.sh | sha256sum | cut -c1-16) torch==${TORCH_VERSION}"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "== installing torch ${TORCH_VERSION} (CPU) and the dependencies into $VENV"
   $PIP install --quiet --upgrade pip >/dev/null
@@ -27,11 +29,13 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   $PIP install --quiet "torch==${TORCH_VERSION}" ninja numpy
   $PIP install --quiet $DEPENDENCIES
   echo "== building and installing instrumented_adam (the C++ kernels: about 2 minutes on 2 cores)"
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP install --quiet --no-build-isolation --no-deps -e .
+  # Verbose so that the build's progress can be shown; the whole output is kept in $LOG.
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP install -v --no-build-isolation --no-deps -e . 2>&1 | build_progress "$LOG" \
+    || { tail -40 "$LOG"; exit 1; }
   echo "$WANT" > "$STAMP"
 else
   echo "== dependencies up to date; incremental build of the extension"
-  (MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" setup.py build_ext --inplace > "$VENV/.instrumented_adam-build.log" 2>&1) \
-    || { tail -40 "$VENV/.instrumented_adam-build.log"; exit 1; }
+  (MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" setup.py build_ext --inplace 2>&1 | build_progress "$LOG") \
+    || { tail -40 "$LOG"; exit 1; }
 fi
 "$VENV/bin/python" -c "import instrumented_adam, torch; print('instrumented_adam', instrumented_adam.__version__, 'with torch', torch.__version__, '(' + torch.backends.cpu.get_cpu_capability() + ')')"
