@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from .ranks import unwrap_optimizer
 from .checkpoint import CheckpointError, check_model, load_checkpoint, seed_everything, set_rng_state
 from .store import RunStore, StoreGapError
 from .writer import STEP_FIGURES, EpochAggregates
@@ -131,6 +132,36 @@ def checkpoint_position(rec: "Recorder") -> dict[str, Any]:
     }
 
 
+def _inactive_rank(
+    cls: type["Recorder"], ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
+    rank_options: Mapping[str, Any], *, load_optimizer: bool = True, overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None, epoch_start_step: int | None = None,
+) -> "Recorder | None":
+    """On a rank that does not record (see `Recorder`'s `ranks`): loads the checkpoint's states
+    like rank 0 does and returns an inactive recorder at its position, without touching the store
+    (rank 0 resumes or branches the run). None on a recording rank."""
+    rec = cls.__new__(cls)
+    rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
+                        **rank_options})
+    if rec.active:
+        return None
+    optimizer = unwrap_optimizer(optimizer)
+    load_into(ckpt, optimizer, model, load_optimizer=load_optimizer)
+    for group in optimizer.param_groups:
+        group.update(overrides or {})
+    if seed is not None:
+        seed_everything(seed)
+    else:
+        set_rng_state(ckpt["rng"])
+    position = ckpt["recorder"]
+    rec._setup_inactive(optimizer, model)
+    rec._step_offset = int(position["step"]) - int(optimizer.steps_done)
+    rec._epoch = int(position["epoch"])
+    rec._epoch_start_step = int(position["step"]) if epoch_start_step is None else int(epoch_start_step)
+    rec.extra = ckpt.get("extra")
+    return rec
+
+
 def _mark_gap(store: RunStore, run_id: int, expected: Mapping[str, Any], error: StoreGapError) -> None:
     """Marks what the store lacks of a checkpoint's position: steps and epochs after what it holds."""
     held = store.position(run_id)
@@ -158,12 +189,18 @@ def resume(
     tensorboard: str | Path | None = None,
     takeover: bool = False,
     on_gap: str = "refuse",
+    rank_options: Mapping[str, Any] | None = None,
 ) -> "Recorder":
     """See `Recorder.resume`."""
     if on_gap not in ON_GAP:
         raise ValueError(f"on_gap must be one of {ON_GAP}, got {on_gap!r}")
     ckpt = load_checkpoint(checkpoint, map_location=map_location)
     position = ckpt["recorder"]
+    inactive = _inactive_rank(cls, ckpt, optimizer, model, rank_options or {},
+                              epoch_start_step=position["epoch_start_step"])
+    if inactive is not None:
+        return inactive
+    optimizer = unwrap_optimizer(optimizer)
     if list(position["step_figures"]) != list(STEP_FIGURES):
         raise CheckpointError(
             f"the checkpoint was written with step figures {position['step_figures']}, this version records "
@@ -197,6 +234,8 @@ def resume(
             raise CheckpointError("the optimizer's step counter does not match the checkpoint's position")
         set_rng_state(ckpt["rng"])
         rec = cls.__new__(cls)
+        rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
+                            **(rank_options or {})})
         rec._setup(optimizer, store_obj, model, position["step_every"], position["flush_every"], tensorboard, owns_store)
     except BaseException:
         if leased:
@@ -247,6 +286,12 @@ def branch(
     """See `Recorder.branch`."""
     ckpt = load_checkpoint(checkpoint, map_location=map_location)
     position = ckpt["recorder"]
+    rank_options = {k: kwargs.pop(k) for k in ("ranks", "check_ranks", "rank_rtol", "on_rank_mismatch") if k in kwargs}
+    inactive = _inactive_rank(cls, ckpt, optimizer, model, rank_options, load_optimizer=load_optimizer_state,
+                              overrides=overrides, seed=seed)
+    if inactive is not None:
+        return inactive
+    optimizer = unwrap_optimizer(optimizer)
     owns_store = not isinstance(store, RunStore)
     store_obj = store if not owns_store else RunStore(store if store is not None else position["store"], create=False)
     try:
@@ -265,6 +310,8 @@ def branch(
         if hyperparameters is None:
             hyperparameters = {**(parent["hyperparameters"] or {}), **(overrides or {})}
         rec = cls.__new__(cls)
+        rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
+                            **rank_options})
         rec._setup(
             optimizer, store_obj, model, kwargs.pop("step_every", position["step_every"]),
             kwargs.pop("flush_every", position["flush_every"]), kwargs.pop("tensorboard", None), owns_store,

@@ -42,6 +42,7 @@ import torch
 from . import lineage
 from .capture import StepCapture
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, model_fingerprint, rng_state
+from . import ranks as _ranks
 from .store import THETA0_ORIGIN_KEY, RunStore, StoreError
 from .writer import AGGREGATES, EPOCH_FIGURES, LAYER_COLUMNS, STEP_FIGURES, RunWriter
 
@@ -86,6 +87,19 @@ class Recorder:
         parent_run, branch_epoch: lineage of a branch (run id or name, and the epoch it starts from).
         code_version: stored with the run (default: ``git describe`` of the cwd, else the package version).
         tensorboard: a log directory to mirror the rows into as TensorBoard events while training.
+        ranks: under torch.distributed, who records: "zero" (default: rank 0 writes the store and
+            checkpoints; the other ranks get an inactive recorder that keeps their optimizer's
+            epochs in step and writes nothing) or "all" (every rank records its own run,
+            ``<name>@rank<r>``, for debugging). Without a process group: this process records.
+        check_ranks: at every epoch end, compare the figures the ranks measured (one small
+            collective; every rank must call `end_epoch`): data-parallel ranks must agree. The
+            largest relative difference is recorded as the epoch metric ``rank_disagreement``.
+        rank_rtol, on_rank_mismatch: the tolerance of that check, and what a disagreement does
+            ("warn", the default, or "raise" `RankMismatchError`).
+
+    `optimizer` may be a framework's wrapper of an instrumented optimizer (Accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, ``ZeroRedundancyOptimizer``):
+    the recorder unwraps it.
 
     The step capture is a post-hook on ``optimizer.step``: the training loop needs no per-step
     code. Call `end_epoch` once per epoch (it calls ``optimizer.end_epoch()`` itself) and
@@ -118,7 +132,26 @@ class Recorder:
         branch_epoch: int | None = None,
         code_version: str | None = None,
         tensorboard: str | Path | None = None,
+        ranks: str = "zero",
+        check_ranks: bool = False,
+        rank_rtol: float = 1e-9,
+        on_rank_mismatch: str = "warn",
     ) -> None:
+        wrapper, optimizer = optimizer, _ranks.unwrap_optimizer(optimizer)
+        self._setup_ranks(ranks, check_ranks, rank_rtol, on_rank_mismatch)
+        partial = _ranks.partial_figures_note(wrapper, optimizer, self.world_size)
+        if partial is not None and self.active:
+            # Recorded as they are, and said so: in the run's hyperparameters and here.
+            warnings.warn(f"instrumented_adam: {partial}", RuntimeWarning, stacklevel=2)
+            hyperparameters = {**(hyperparameters if hyperparameters is not None else {
+                "optimizer": type(optimizer).__name__,
+                **{k: v for k, v in optimizer.param_groups[0].items() if k != "params"}}),
+                "figures_scope": partial}
+        if not self.active:
+            self._setup_inactive(optimizer, model)
+            return
+        if self.world_size > 1 and ranks == "all":
+            run_name = f"{run_name or self._default_run_name()}@rank{self.rank}"
         owns_store = not isinstance(store, RunStore)
         self._setup(optimizer, store, model, step_every, flush_every, tensorboard, owns_store)
         try:
@@ -132,6 +165,43 @@ class Recorder:
         self._start_writer()
         self._attach()
 
+    def _setup_ranks(self, ranks: str, check_ranks: bool, rank_rtol: float, on_rank_mismatch: str) -> None:
+        """Who records in this process (see `ranks`); called first by every constructor path."""
+        _ranks.check_choice("ranks", ranks, _ranks.RECORDING_RANKS)
+        _ranks.check_choice("on_rank_mismatch", on_rank_mismatch, _ranks.ON_RANK_MISMATCH)
+        if not rank_rtol >= 0:
+            raise ValueError(f"rank_rtol must be >= 0, got {rank_rtol}")
+        self.rank, self.world_size = _ranks.process_rank()
+        #: Whether this process writes rows (False on ranks other than 0 under ``ranks="zero"``).
+        self.active = not (self.world_size > 1 and ranks == "zero" and self.rank != 0)
+        self._check_ranks = bool(check_ranks) and self.world_size > 1
+        self._rank_rtol = float(rank_rtol)
+        self._on_rank_mismatch = on_rank_mismatch
+
+    def _setup_inactive(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> None:
+        """A recorder that writes nothing: it only ends the optimizer's epochs (and takes part in
+        the rank check), so that this rank's optimizer state stays the same as rank 0's."""
+        if not _ranks.is_instrumented(optimizer):
+            raise TypeError(
+                f"Recorder needs an instrumented_adam optimizer (Adam, AdamW, Adamax), got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.model = model
+        self.store = None
+        self.run_id = -1
+        self.run_name = ""
+        self.extra = None
+        self.step_every = 1
+        self.flush_every = 1
+        self._closed = False
+        self._step_offset = max(0, lineage.own_step_count(optimizer) - int(optimizer.steps_done))
+        self._epoch = int(getattr(optimizer, "epochs_done", 0))
+        self._epoch_start_step = int(optimizer.steps_done) + self._step_offset
+
+    @staticmethod
+    def _default_run_name() -> str:
+        return f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
     def _setup(
         self,
         optimizer: torch.optim.Optimizer,
@@ -142,7 +212,8 @@ class Recorder:
         tensorboard: str | Path | None,
         owns_store: bool,
     ) -> None:
-        if not (hasattr(optimizer, "last_step_statistics") and hasattr(optimizer, "steps_done")):
+        optimizer = _ranks.unwrap_optimizer(optimizer)
+        if not _ranks.is_instrumented(optimizer):
             raise TypeError(
                 f"Recorder needs an instrumented_adam optimizer (Adam, AdamW, Adamax), got {type(optimizer).__name__}"
             )
@@ -216,7 +287,7 @@ class Recorder:
             hyperparameters = {**hyperparameters, THETA0_ORIGIN_KEY: (
                 f"the parameters when a torch.optim checkpoint at step {self._step_offset} was loaded, "
                 "not the training's initialisation")}
-        self.run_name = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        self.run_name = run_name or self._default_run_name()
         return self.store.create_run(
             self.run_name,
             hyperparameters=hyperparameters,
@@ -259,6 +330,8 @@ class Recorder:
 
     def flush(self) -> None:
         """Writes every buffered step row to the store now (waits for the device copy)."""
+        if not self.active:
+            return
         self._capture.take()
         if self._writer is not None:
             self._writer.drain(block=True)
@@ -276,6 +349,8 @@ class Recorder:
         refused (`MetricClashError`). A loss (a name containing 'loss') that is not finite marks
         the run 'diverged'.
         """
+        if not self.active:
+            return
         merged = {**(metrics or {}), **kwargs}
         reserved = frozenset(self._hyper_names())
         if epoch is None or epoch == self._epoch:
@@ -325,6 +400,9 @@ class Recorder:
                 stacklevel=2,
             )
             return {}
+        if not self.active:
+            self._end_epoch_inactive(step)
+            return {}
         reserved = frozenset(self._hyper_names())
         values = RunWriter.check_metrics(metrics, self._staged_metrics, self._epoch, reserved)  # before any change
         values = {**self._staged_metrics, **values}
@@ -344,6 +422,8 @@ class Recorder:
         else:
             geo_overall = [math.nan] * len(EPOCH_FIGURES)
             geo_tensor = None
+        if self._check_ranks:
+            values[_ranks.RANK_DISAGREEMENT_METRIC] = self._compare_ranks(geo_overall)
         names, group0 = self._hyper_in_force()
         row: dict[str, Any] = {
             "epoch": self._epoch,
@@ -367,6 +447,33 @@ class Recorder:
         self._epoch_start_step = step
         self._staged_metrics = {}
         return {**{k: float(v) for k, v in row.items()}, **values}
+
+    def _end_epoch_inactive(self, step: int) -> None:
+        """`end_epoch` of a rank that does not record: the optimizer's epoch ends as on rank 0."""
+        opt = self.optimizer
+        geometry = opt.end_epoch() if getattr(opt, "epoch_geometry", True) else None
+        if self._check_ranks:
+            if geometry is not None:
+                overall = geometry.derived("overall")
+                geo_overall = torch.stack([overall[k][0] for k in EPOCH_FIGURES]).cpu().tolist()
+            else:
+                geo_overall = [math.nan] * len(EPOCH_FIGURES)
+            self._compare_ranks(geo_overall, last_step_done=True)
+        self._epoch += 1
+        self._epoch_start_step = step
+
+    def _compare_ranks(self, geo_overall: list[float], last_step_done: bool = False) -> float:
+        """The rank check of `check_ranks`: this epoch's geometry and the overall figures of its
+        last step, gathered from every rank and compared with rank 0's."""
+        opt = self.optimizer
+        values = list(geo_overall)
+        if opt.steps_done > 0:
+            # last_step_statistics() still describes the epoch's last step after end_epoch().
+            overall = opt.last_step_statistics().derived("overall")
+            values += [float(overall[k].reshape(-1)[0]) for k in STEP_FIGURES]
+        worst, offenders = _ranks.rank_disagreement(values, self._rank_rtol)
+        _ranks.report_disagreement(self._epoch, worst, offenders, self._on_rank_mismatch)
+        return worst
 
     def _hyper_in_force(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
         """Names and group-0 values (floats) of the hyperparameters of the last step (or, with no
@@ -397,7 +504,7 @@ class Recorder:
     @property
     def diverged(self) -> str | None:
         """Where the run first went non-finite (its status detail), or None."""
-        return self._writer.diverged if self._writer is not None else None
+        return self._writer.diverged if getattr(self, "_writer", None) is not None else None
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, model: torch.nn.Module | None = None, *, extra: Mapping[str, Any] | None = None) -> Path:
@@ -411,6 +518,8 @@ class Recorder:
         comes back from `Recorder.resume(...).extra`.
         """
         self._check_open()
+        if not self.active:  # rank 0 writes the file (every rank holds the same state)
+            return Path(path)
         model = model if model is not None else self.model
         self.flush()
         self.store.sync()
@@ -445,6 +554,10 @@ class Recorder:
         tensorboard: str | Path | None = None,
         takeover: bool = False,
         on_gap: str = "refuse",
+        ranks: str = "zero",
+        check_ranks: bool = False,
+        rank_rtol: float = 1e-9,
+        on_rank_mismatch: str = "warn",
     ) -> "Recorder":
         """Continues the run a checkpoint belongs to: takes the run's lease, checks the store,
         restores model, optimizer and RNG states, deletes the run's rows beyond the checkpoint
@@ -463,9 +576,13 @@ class Recorder:
                 "mark": record the missing steps/epochs in the store's gaps (`RunStore.gaps`) and
                 go on. The epoch in progress is re-derived from the checkpoint (its aggregates
                 travel in it); rows of the missing range cannot be re-derived.
+            ranks, check_ranks, rank_rtol, on_rank_mismatch: as for `Recorder`. A rank that does
+                not record loads the checkpoint's states as rank 0 does and leaves the store alone.
         """
+        rank_options = {"ranks": ranks, "check_ranks": check_ranks, "rank_rtol": rank_rtol,
+                        "on_rank_mismatch": on_rank_mismatch}
         return lineage.resume(cls, checkpoint, optimizer, model, store, map_location=map_location,
-                              tensorboard=tensorboard, takeover=takeover, on_gap=on_gap)
+                              tensorboard=tensorboard, takeover=takeover, on_gap=on_gap, rank_options=rank_options)
 
     @classmethod
     def branch(
@@ -511,6 +628,9 @@ class Recorder:
         diverged stays 'diverged' unless it failed) and gives up the run's lease."""
         if self._closed:
             return
+        if not self.active:
+            self._closed = True
+            return
         try:
             self.flush()
         finally:
@@ -539,6 +659,8 @@ class Recorder:
         self.close("failed" if exc_type is not None else "finished")
 
     def __repr__(self) -> str:
+        if not self.active:
+            return f"Recorder(inactive on rank {self.rank} of {self.world_size}, epoch {self._epoch})"
         return f"Recorder(run {self.run_id} {self.run_name!r} in {str(self.store.path)!r}, epoch {self._epoch})"
 
 
