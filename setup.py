@@ -194,6 +194,9 @@ setup(
         # it the task uses its parametrised generator.
         "pythia": ["pythia8mc"],
         "export": ["pyarrow", "tensorboard"],
+        # The training-framework callbacks (telemetry/lightning.py, telemetry/huggingface.py).
+        "lightning": ["lightning"],
+        "hf": ["transformers", "accelerate"],
         "test": ["pytest", "expecttest", "hypothesis"],
     },
     entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.demo.cli:main"]},

@@ -200,7 +200,43 @@ def resume(
                               epoch_start_step=position["epoch_start_step"])
     if inactive is not None:
         return inactive
+    return resume_position(cls, position, optimizer, model, store, ckpt=ckpt, checkpoint=checkpoint,
+                           tensorboard=tensorboard, takeover=takeover, on_gap=on_gap, rank_options=rank_options)
+
+
+def resume_position(
+    cls: type["Recorder"],
+    position: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    store: RunStore | str | Path | None = None,
+    *,
+    ckpt: Mapping[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+    tensorboard: str | Path | None = None,
+    takeover: bool = False,
+    on_gap: str = "refuse",
+    rank_options: Mapping[str, Any] | None = None,
+) -> "Recorder":
+    """Continues a run from a recorder position (`checkpoint_position`).
+
+    With `ckpt` (our checkpoint's payload) the model, optimizer and RNG states are loaded from it
+    first; without, they must already be restored — a framework (Lightning, Hugging Face) restores
+    them from its own checkpoint, which carries the position. `checkpoint` is the file recorded as
+    the run's checkpoint, if any.
+    """
+    if on_gap not in ON_GAP:
+        raise ValueError(f"on_gap must be one of {ON_GAP}, got {on_gap!r}")
+    probe = cls.__new__(cls)
+    probe._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
+                          **(rank_options or {})})
     optimizer = unwrap_optimizer(optimizer)
+    if not probe.active:  # the states are loaded (by the framework): only the position to take
+        probe._setup_inactive(optimizer, model)
+        probe._step_offset = int(position["step"]) - int(optimizer.steps_done)
+        probe._epoch = int(position["epoch"])
+        probe._epoch_start_step = int(position["epoch_start_step"])
+        return probe
     if list(position["step_figures"]) != list(STEP_FIGURES):
         raise CheckpointError(
             f"the checkpoint was written with step figures {position['step_figures']}, this version records "
@@ -217,7 +253,8 @@ def resume(
                 f"run {run_id} ({position['run_name']!r}, started {position['started_at']}) of this "
                 f"checkpoint is not in {store_obj.path}: pass the store the run was recorded in"
             )
-        check_fits(ckpt, optimizer, model, load_optimizer=True)  # a wrong checkpoint is told first
+        if ckpt is not None:
+            check_fits(ckpt, optimizer, model, load_optimizer=True)  # a wrong checkpoint is told first
         # Before anything changes: a run another live process writes is refused here.
         store_obj.acquire_lease(run_id, takeover=takeover)
         leased = True
@@ -229,10 +266,12 @@ def resume(
                 if on_gap == "refuse":
                     raise
                 _mark_gap(store_obj, run_id, expected, e)
-        load_into(ckpt, optimizer, model, load_optimizer=True)
+        if ckpt is not None:
+            load_into(ckpt, optimizer, model, load_optimizer=True)
         if optimizer.steps_done + position["step_offset"] != position["step"]:
             raise CheckpointError("the optimizer's step counter does not match the checkpoint's position")
-        set_rng_state(ckpt["rng"])
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])
         rec = cls.__new__(cls)
         rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
                             **(rank_options or {})})
@@ -252,7 +291,7 @@ def resume(
     hyper = saved_hyper(position)
     if hyper is not None:
         rec._saved_hyper = hyper
-    rec.extra = ckpt.get("extra")
+    rec.extra = ckpt.get("extra") if ckpt is not None else None
     rec._start_writer()
     if "epoch_aggregates" in position:
         rec._writer.aggregates = EpochAggregates.from_state(position["epoch_aggregates"])
@@ -263,7 +302,8 @@ def resume(
     if position.get("diverged"):  # it had diverged before the checkpoint: still so
         rec._writer.mark_diverged(position["diverged"])
     # (again) the checkpoint resumed from: a crash may have come between its file and its row
-    rec.store.record_checkpoint(rec.run_id, int(position["step"]), rec._epoch, checkpoint)
+    if checkpoint is not None:
+        rec.store.record_checkpoint(rec.run_id, int(position["step"]), rec._epoch, checkpoint)
     rec._attach()
     return rec
 
@@ -336,4 +376,4 @@ def branch(
     return rec
 
 
-__all__ = ["resume", "branch", "checkpoint_position", "load_into", "own_step_count", "saved_hyper", "ON_GAP"]
+__all__ = ["resume", "resume_position", "branch", "checkpoint_position", "load_into", "own_step_count", "saved_hyper", "ON_GAP"]

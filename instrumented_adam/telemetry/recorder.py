@@ -542,6 +542,46 @@ class Recorder:
     def _position(self) -> dict[str, Any]:
         return lineage.checkpoint_position(self)
 
+    def checkpoint_position(self) -> dict[str, Any] | None:
+        """What a checkpoint of someone else's format must carry to continue this run: the
+        recorder's position (tensors and plain values; weights-only loadable). Flushes the step
+        rows and syncs the store first, as `save_checkpoint` does. Give it back to
+        `Recorder.from_position` after the framework restored the model and optimizer.
+        None on a rank that does not record."""
+        self._check_open()
+        if not self.active:
+            return None
+        self.flush()
+        self.store.sync()
+        return self._position()
+
+    @classmethod
+    def from_position(
+        cls,
+        position: Mapping[str, Any],
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | None = None,
+        store: RunStore | str | Path | None = None,
+        *,
+        checkpoint: str | Path | None = None,
+        tensorboard: str | Path | None = None,
+        takeover: bool = False,
+        on_gap: str = "refuse",
+        ranks: str = "zero",
+        check_ranks: bool = False,
+        rank_rtol: float = 1e-9,
+        on_rank_mismatch: str = "warn",
+    ) -> "Recorder":
+        """Continues a run from `checkpoint_position()`, once model and optimizer states have been
+        restored by whoever saved them (a training framework's own checkpoint). As `resume`, the
+        store then holds exactly an uninterrupted run's rows; RNG states are the framework's.
+        `checkpoint`: the framework's file, recorded as the run's checkpoint."""
+        rank_options = {"ranks": ranks, "check_ranks": check_ranks, "rank_rtol": rank_rtol,
+                        "on_rank_mismatch": on_rank_mismatch}
+        return lineage.resume_position(cls, position, optimizer, model, store, checkpoint=checkpoint,
+                                       tensorboard=tensorboard, takeover=takeover, on_gap=on_gap,
+                                       rank_options=rank_options)
+
     @classmethod
     def resume(
         cls,
