@@ -71,6 +71,19 @@ def load_into(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: tor
         model.load_state_dict(ckpt["model"])
 
 
+def load_start(ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
+               load_optimizer: bool, overrides: Mapping[str, Any] | None, seed: int | None) -> None:
+    """A branch's starting point: the checkpoint's states, the overrides on every param group,
+    and the checkpoint's RNG states (or everything seeded with `seed`)."""
+    load_into(ckpt, optimizer, model, load_optimizer=load_optimizer)
+    for group in optimizer.param_groups:
+        group.update(overrides or {})
+    if seed is not None:
+        seed_everything(seed)
+    else:
+        set_rng_state(ckpt["rng"])
+
+
 def saved_hyper(position: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]] | None:
     """(names, per-group values) of the hyperparameters last in force, from a checkpoint position."""
     last = position.get("last_hyper")
@@ -146,13 +159,7 @@ def _inactive_rank(
     if rec.active:
         return None
     optimizer = unwrap_optimizer(optimizer)
-    load_into(ckpt, optimizer, model, load_optimizer=load_optimizer)
-    for group in optimizer.param_groups:
-        group.update(overrides or {})
-    if seed is not None:
-        seed_everything(seed)
-    else:
-        set_rng_state(ckpt["rng"])
+    load_start(ckpt, optimizer, model, load_optimizer, overrides, seed)
     position = ckpt["recorder"]
     rec._setup_inactive(optimizer, model)
     rec._step_offset = int(position["step"]) - int(optimizer.steps_done)
@@ -340,13 +347,7 @@ def branch(
             missing = [g for g, group in enumerate(optimizer.param_groups) if key not in group]
             if missing:
                 raise KeyError(f"override {key!r} is not a setting of {type(optimizer).__name__}'s param groups")
-        load_into(ckpt, optimizer, model, load_optimizer=load_optimizer_state)
-        for group in optimizer.param_groups:
-            group.update(overrides or {})
-        if seed is not None:
-            seed_everything(seed)
-        else:
-            set_rng_state(ckpt["rng"])
+        load_start(ckpt, optimizer, model, load_optimizer_state, overrides, seed)
         if hyperparameters is None:
             hyperparameters = {**(parent["hyperparameters"] or {}), **(overrides or {})}
         rec = cls.__new__(cls)
