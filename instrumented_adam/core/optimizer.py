@@ -163,7 +163,11 @@ class _Bookkeeping:
         # steps_done when end_epoch() last closed an epoch (-1: unknown, from an older checkpoint)
         self.steps_at_epoch_end = steps_at_epoch_end
         self.layout: _Layout | None = None
-        self.steps_done = steps_done  # step() calls so far (an exact integer, unlike a float32 counter)
+        # step() calls so far, as a 0-d int64 CPU tensor incremented in place: under torch.compile
+        # a Python int that step() changes is a guard that fails at every step (a recompile per
+        # step, FailOnRecompileLimitHit with fullgraph=True), while an in-place add on a tensor is
+        # one node of the graph. Exact (int64), unlike a float32 counter.
+        self.step_count = torch.full((), int(steps_done), dtype=torch.int64)
         self.epochs_done = epochs_done  # end_epoch() calls so far
         # epochs_done > 0, kept as a bool: the step branches on it, and under torch.compile an int
         # counter that changes becomes symbolic, which Dynamo (2.13) fails to compare in a tuple.
@@ -172,6 +176,14 @@ class _Bookkeeping:
         # Elements per statistics row that took part in the last step (0 for a parameter without
         # a gradient): the per-element means divide by these.
         self.active_numel: Tensor | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return int(self.step_count)
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self.step_count.fill_(int(value))
 
 
 class _Instrumented:
@@ -372,7 +384,8 @@ class _Instrumented:
         Works inside torch.compile (also with fullgraph=True): Dynamo traces this method into the
         graph, with the fused op as one node (its fake kernel is in _ops.py). The plan cache and the
         statistics buffer are built on the first compiled call, so expect a recompile after it and
-        after each end_epoch() (eager calls between compiled steps). A Python-float lr that changes
+        after the first end_epoch() (the previous-epoch dot turns on); the step counter is a
+        tensor the graph increments, so steps do not recompile. A Python-float lr that changes
         every step (a scheduler) recompiles every step, as with torch's optimizers: pass lr as a
         tensor then.
 
@@ -396,7 +409,7 @@ class _Instrumented:
             active = [float(p.numel()) if i in stepped[gi] else 0.0
                       for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
             ia.active_numel = _host_list_to(active, torch.float64, layout.device)
-        ia.steps_done += 1
+        ia.step_count.add_(1)
         return loss
 
     def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:

@@ -312,6 +312,10 @@ class Recorder:
         _ATTACHED[self.optimizer] = weakref.ref(self)
 
     # ---- the per-step hot path --------------------------------------------------------------
+    # Not traced by torch.compile: its host bookkeeping (the capture's pending list, step numbers)
+    # would be guards that change every step. A compiled step with a recorder attached therefore
+    # breaks the graph once, after the optimizer's own ops (fullgraph=True needs no recorder).
+    @torch.compiler.disable
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
