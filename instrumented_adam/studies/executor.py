@@ -94,6 +94,28 @@ class Executor(ABC):
         """Runs every job; returns their results in the order of `jobs`."""
 
 
+class SerialExecutor(Executor):
+    """Runs the jobs one after another in this process (debugging, notebooks, tests): a job that
+    raises is failed with its traceback; nothing is retried (a death here is the driver's)."""
+
+    def run(self, jobs: Sequence[Job], on_result: ResultCallback | None = None,
+            on_start: StartCallback | None = None) -> list[JobResult]:
+        results = []
+        for job in jobs:
+            if on_start is not None:
+                on_start(job.key, 1)
+            begun = time.monotonic()
+            try:
+                result = JobResult(job.key, "finished", value=call(job.fn, job.payload))
+            except Exception:  # noqa: BLE001 (the job's error is its result)
+                result = JobResult(job.key, "failed", error=traceback.format_exc())
+            result.seconds = time.monotonic() - begun
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+
+
 # ---- local worker processes ---------------------------------------------------------------------
 def worker_main(fd: int, threads: int) -> None:
     """A worker process: receives (key, fn, payload), sends ("ok", value) or ("error", traceback).
@@ -314,4 +336,4 @@ class RayExecutor(Executor):
 if __name__ == "__main__":
     worker_main(int(sys.argv[1]), int(sys.argv[2]))
 
-__all__ = ["Job", "JobResult", "Executor", "LocalExecutor", "RayExecutor", "call", "resolve"]
+__all__ = ["Job", "JobResult", "Executor", "SerialExecutor", "LocalExecutor", "RayExecutor", "call", "resolve"]

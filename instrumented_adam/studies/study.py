@@ -24,11 +24,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..telemetry.checkpoint import CHECKPOINT_FORMAT
 from ..telemetry.store import RunStore
 from .executor import Executor, Job, JobResult, LocalExecutor
 from .protocol import load_task
-from .spec import BranchSpec, grid as make_grid, same_state_family, sweep_specs, validate
+from .spec import BranchSpec, grid as make_grid, sweep_specs, validate
 from .training import STUDY_KEY, study_settings, train_root
 
 #: The job function every branch runs (a reference, so that it travels to workers).
@@ -140,6 +139,12 @@ class Study:
         name = run_name or f"import-{path.stem}"
         task_obj = load_task(task, task_kwargs)
         with self._open() as store:
+            runs = store.runs()
+            for rid, hyper in zip(runs["run_id"], runs["hyperparameters"]):
+                if (hyper or {}).get("sha256") == digest and (hyper.get(STUDY_KEY) or {}).get("task") == task:
+                    ckpts = store.checkpoints(int(rid))
+                    if (ckpts["epochs_done"] == int(epoch)).any():
+                        return int(rid)  # imported before: the same root (content-addressed)
             run_id = store.create_run(name, hyperparameters={"task": task_obj.name, STUDY_KEY: study,
                                                              "imported_checkpoint": str(path), "sha256": digest},
                                       seed=seed, optimizer=cls_name, optimizer_config=[group], package_version=None)

@@ -165,18 +165,20 @@ def run_branch(*, branch_id: str, spec: Mapping[str, Any], directory: str, check
                  STUDY_KEY: branch_study, "study_branch": {"id": branch_id, **dict(spec)}}
         keep_state = same_state_family(parent_cls, cls_name)
         if ours:
+            # The new optimizer's own settings over the loaded ones (AdamW's decoupled decay, the overrides).
             rec = Recorder.branch(checkpoint, opt, model, shard_path, run_name=run_name, hyperparameters=hyper,
-                                  load_optimizer_state=keep_state, seed=None if seed == parent_seed else epoch_seed(seed, at_epoch))
+                                  overrides=fresh_groups[0], load_optimizer_state=keep_state,
+                                  seed=None if seed == parent_seed else epoch_seed(seed, at_epoch))
         else:
             model.load_state_dict(raw[plain["model_key"]])
             if keep_state:
                 opt.load_state_dict(raw[plain["optimizer_key"]])
+            for group, fresh in zip(opt.param_groups, fresh_groups):
+                group.update(fresh)
             seed_everything(epoch_seed(seed, at_epoch))
-            opt.epochs_done = at_epoch
+            opt.epochs_done = at_epoch  # the recorder numbers epochs from here
             rec = Recorder(opt, shard_path, run_name=run_name, model=model, hyperparameters=hyper, seed=seed,
                            parent_run=stub, branch_epoch=at_epoch)
-        for group, fresh in zip(opt.param_groups, fresh_groups):
-            group.update(fresh)  # the new optimizer's own settings (AdamW's decoupled decay, overrides)
     try:
         train_epochs(task, model, opt, rec, seed=seed, until=until, schedule=schedule, base_lr=base_lr, horizon=horizon,
                      checkpoint_dir=ckpt_dir, checkpoint_every=int(study.get("checkpoint_every", 1)))
