@@ -174,6 +174,8 @@ setup(
         "pythia": ["pythia8mc"],
         "export": ["pyarrow", "tensorboard"],
         "test": ["pytest", "expecttest", "hypothesis"],
+        # Branching studies on a cluster (studies/executor.py, RayExecutor); local sweeps need nothing.
+        "ray": ["ray"],
     },
     entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.demo.cli:main"]},
 )
