@@ -132,7 +132,8 @@ def format_tree(tree: pd.DataFrame) -> str:
 def branch_overlays(store: RunStore | str | Path, parent: int | str, at_epoch: int,
                     figures: Sequence[str] = tuple(f for f, _ in OVERLAY_FIGURES)) -> pd.DataFrame:
     """Long-form overlays of the branches of `parent` from `at_epoch`: run_id, role ('parent'
-    for its own continuation, 'branch'), label, epoch, figure, value — from epoch at_epoch − 1
+    for its own continuation, 'branch'), label, overrides (the label without the seed: one per
+    override set), epoch, figure, value — from epoch at_epoch − 1
     (the common start) on. Figures a run lacks are left out."""
     store, owned = _open(store)
     try:
@@ -145,6 +146,8 @@ def branch_overlays(store: RunStore | str | Path, parent: int | str, at_epoch: i
         if owned:
             store.close()
     labels = {parent_id: "parent (own continuation)", **{int(r): l for r, l in zip(kids["run_id"], kids["label"])}}
+    groups = {parent_id: "parent (own continuation)",
+              **{int(r): _label(o, None, at_epoch) for r, o in zip(kids["run_id"], kids["overrides"])}}
     frames = []
     for rid in ids:
         e = epochs[(epochs["run_id"] == rid) & (epochs["epoch"] >= int(at_epoch) - 1)]
@@ -155,8 +158,10 @@ def branch_overlays(store: RunStore | str | Path, parent: int | str, at_epoch: i
         long = e.melt(id_vars=["run_id", "epoch"], value_vars=cols, var_name="figure", value_name="value")
         long.insert(1, "role", "parent" if rid == parent_id else "branch")
         long.insert(2, "label", labels[rid])
+        long.insert(3, "overrides", groups[rid])
         frames.append(long)
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "role", "label", "epoch", "figure", "value"])
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run_id", "role", "label", "overrides", "epoch", "figure", "value"])
     return out.sort_values(["figure", "run_id", "epoch"], kind="stable").reset_index(drop=True)
 
 
@@ -272,20 +277,26 @@ def figure_overlays(overlays: pd.DataFrame, title: str) -> dict:
     titles = [t for f, t in OVERLAY_FIGURES if f in set(overlays["figure"])]
     names = [f for f, _ in OVERLAY_FIGURES if f in set(overlays["figure"])]
     rows = -(-len(names) // 3)
-    layout = _interactive._layout(title, height=260 * rows + 120)
+    layout = _interactive._layout("", height=260 * rows + 90, margin={"l": 60, "r": 20, "t": 40, "b": 40})
+    del title  # the page's heading names the branch point
     layout.update(_interactive._grid(3, titles, rows=rows))
     data = []
-    labels = list(dict.fromkeys(overlays.loc[overlays["role"] == "branch", "label"]))
+    # One colour and one legend entry per override set: its seeds are lines of the same colour.
+    sets = list(dict.fromkeys(overlays.loc[overlays["role"] == "branch", "overrides"]))
     for k, figure in enumerate(names):
         axis = "" if k == 0 else str(k + 1)
         part = overlays[overlays["figure"] == figure]
-        for (rid, label, role), g in part.groupby(["run_id", "label", "role"], sort=False):
-            colour = "#000" if role == "parent" else _interactive.run_color(labels.index(label))
+        shown: set[str] = set()
+        for (rid, label, group, role), g in part.groupby(["run_id", "label", "overrides", "role"], sort=False):
+            colour = "#000" if role == "parent" else _interactive.run_color(sets.index(group))
+            first = k == 0 and group not in shown
+            shown.add(group)
             data.append({"type": "scatter", "mode": "lines+markers", "x": [int(e) for e in g["epoch"]],
-                         "y": _finite(g["value"]), "name": label, "legendgroup": label, "showlegend": k == 0,
+                         "y": _finite(g["value"]), "name": group, "legendgroup": group, "showlegend": first,
+                         "hovertemplate": f"{html.escape(str(label))}<br>epoch %{{x}}: %{{y:.4g}}<extra></extra>",
                          "xaxis": f"x{axis}", "yaxis": f"y{axis}", "marker": {"size": 4},
                          "line": {"color": colour, "width": 2.5 if role == "parent" else 1.5,
-                                  "dash": "solid" if role == "parent" else "solid"}})
+                                  "dash": "solid"}})
     return {"data": data, "layout": layout}
 
 
