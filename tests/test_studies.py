@@ -337,3 +337,31 @@ def test_the_sweep_report_renders_in_headless_chromium(local_sweep, tmp_path):
     keep = os.environ.get("IA_KEEP_STUDY_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_branches_to_sgd_and_rmsprop_record_epochs_and_continue_like_torch(faulty_root, tmp_path):
+    store = _copy_root(faulty_root, tmp_path)
+    result = Study(store, executor=SerialExecutor()).sweep(
+        1, [2], overrides=[{"optimizer": "SGD", "momentum": 0.9, "lr": 0.01}, {"optimizer": "RMSprop", "lr": 0.01}], epochs=2)
+    assert result.summary() == {"finished": 2}, result.errors
+    sgd = next(k for k, s in zip(result.run_ids, result.specs) if s.override_dict["optimizer"] == "SGD")
+    with RunStore(store) as s:
+        epochs = s.epochs(result.run_ids[sgd])
+        info = s.run_info(result.run_ids[sgd])
+        final = _final_state(s, result.run_ids[sgd])
+        start = torch.load(s.checkpoints(1).set_index("epochs_done").loc[2, "path"], weights_only=True)
+    assert info["optimizer"] == "SGD" and int(info["branch_epoch"]) == 2 and int(info["parent_run"]) == 1
+    assert list(epochs["epoch"]) == [2, 3] and list(epochs["step"]) == [6, 8]
+    assert (epochs["lr"] == 0.01).all() and (epochs["momentum"] == 0.9).all() and epochs["val_loss"].notna().all()
+    # The same continuation written by hand with torch.optim.SGD from the parent's weights at epoch 2.
+    task = load_task(FAULTY_TASK, TINY)
+    model = task.model(0)
+    model.load_state_dict(start["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for epoch in (2, 3):
+        task.train_epoch(model, opt, epoch, 0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(final["model"][k], v), k
+    table = branch_comparison(store)
+    assert sorted(table["overrides"]) == ["lr=0.01 momentum=0.9 optimizer=SGD", "lr=0.01 optimizer=RMSprop"]
+    assert table["diff_final"].notna().all()

@@ -24,7 +24,12 @@ from ..core import optimizer as _optim
 
 #: Optimizer classes a branch can switch to, by name. The instrumented ones record every figure;
 #: the Adam family (Adam, AdamW) shares its state layout, so the moments carry over between them.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"Adam": _optim.Adam, "AdamW": _optim.AdamW, "Adamax": _optim.Adamax}
+#: torch.optim's SGD and RMSprop have no statistics: their branches record epoch rows (losses, lr)
+#: only (`instrumented_adam.studies.plain`).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"Adam": _optim.Adam, "AdamW": _optim.AdamW, "Adamax": _optim.Adamax,
+                                                      "SGD": torch.optim.SGD, "RMSprop": torch.optim.RMSprop}
+#: The optimizers whose runs the `Recorder` records (statistics kernels).
+INSTRUMENTED = frozenset({"Adam", "AdamW", "Adamax"})
 #: Families whose optimizer state loads into one another.
 _STATE_FAMILY = {"Adam": "adam", "AdamW": "adam", "Adamax": "adamax"}
 
@@ -123,7 +128,7 @@ def optimizer_settings(cls_name: str, base: Mapping[str, Any], overrides: Mappin
 
 
 def build_optimizer(cls_name: str, params: Iterable[torch.Tensor], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """The instrumented optimizer `cls_name` with `settings` (statistics on)."""
+    """The optimizer `cls_name` with `settings` (the instrumented ones with statistics on)."""
     return OPTIMIZERS[cls_name](params, **settings)
 
 
@@ -215,5 +220,5 @@ def sweep_specs(parent: str, at_epochs: Sequence[int], override_sets: Sequence[M
     return list(out.values())
 
 
-__all__ = ["BranchSpec", "OPTIMIZERS", "STUDY_KEYS", "parse_value", "parse_assignment", "schedule_lr", "check_schedule",
+__all__ = ["BranchSpec", "OPTIMIZERS", "INSTRUMENTED", "STUDY_KEYS", "parse_value", "parse_assignment", "schedule_lr", "check_schedule",
            "optimizer_settings", "build_optimizer", "validate", "same_state_family", "grid", "sweep_specs"]

@@ -16,11 +16,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..telemetry.checkpoint import CHECKPOINT_FORMAT, seed_everything
+from ..telemetry.checkpoint import CHECKPOINT_FORMAT, seed_everything, set_rng_state
 from ..telemetry.recorder import Recorder
 from ..telemetry.store import RunStore
 from .protocol import TrainingTask, epoch_seed, load_task
-from .spec import build_optimizer, optimizer_settings, same_state_family, schedule_lr
+from .plain import PlainRecorder
+from .spec import INSTRUMENTED, build_optimizer, optimizer_settings, same_state_family, schedule_lr
 
 #: Key of a run's hyperparameters holding the study settings (task, optimizer, schedule, ...).
 STUDY_KEY = "study"
@@ -73,6 +74,9 @@ def train_root(store: RunStore | str | Path, checkpoint_dir: str | Path, *, task
     task_obj = load_task(task, task_kwargs)
     opt_spec = {**dict(task_obj.default_optimizer()), **dict(optimizer or {})}
     cls_name = opt_spec.pop("optimizer", "Adam")
+    if cls_name not in INSTRUMENTED:
+        raise ValueError(f"a root run trains with an instrumented optimizer ({', '.join(sorted(INSTRUMENTED))}); "
+                         f"{cls_name} is for branches")
     settings = optimizer_settings(cls_name, opt_spec, {})
     seed_everything(seed)
     model = task_obj.model(seed)
@@ -92,6 +96,12 @@ def train_root(store: RunStore | str | Path, checkpoint_dir: str | Path, *, task
         raise
     rec.close()
     return rec.run_id
+
+
+def _plain_step(optimizer_state: Mapping[str, Any]) -> int:
+    """The step count a torch.optim state_dict says (its parameters' ``step``)."""
+    steps = [float(s["step"]) for s in optimizer_state.get("state", {}).values() if "step" in s]
+    return int(max(steps, default=0))
 
 
 def _load_raw(path: str | Path) -> dict[str, Any]:
@@ -142,7 +152,10 @@ def run_branch(*, branch_id: str, spec: Mapping[str, Any], directory: str, check
         if ckpts is not None and len(ckpts):
             last = ckpts.sort_values("step").iloc[-1]
             shard.close()
-            rec = Recorder.resume(last["path"], opt, model, shard_path, takeover=True)
+            if cls_name in INSTRUMENTED:
+                rec = Recorder.resume(last["path"], opt, model, shard_path, takeover=True)
+            else:
+                rec = PlainRecorder.resume(last["path"], opt, model, shard_path)
             for group, fresh in zip(opt.param_groups, fresh_groups):
                 group.update(fresh)
         else:
@@ -164,7 +177,16 @@ def run_branch(*, branch_id: str, spec: Mapping[str, Any], directory: str, check
         hyper = {**parent_hyper, **{k: v for k, v in overrides.items() if k not in ("optimizer", "schedule")},
                  STUDY_KEY: branch_study, "study_branch": {"id": branch_id, **dict(spec)}}
         keep_state = same_state_family(parent_cls, cls_name)
-        if ours:
+        if cls_name not in INSTRUMENTED:  # torch.optim's SGD/RMSprop: the weights carry over, not the state
+            model.load_state_dict(raw["model"] if ours else raw[plain["model_key"]])
+            if ours and seed == parent_seed:
+                set_rng_state(raw["rng"])
+            else:
+                seed_everything(epoch_seed(seed, at_epoch))
+            step = int(raw["recorder"]["step"]) if ours else _plain_step(raw[plain["optimizer_key"]])
+            rec = PlainRecorder(opt, shard_path, run_name, model=model, hyperparameters=hyper, seed=seed,
+                                parent_run=stub, branch_epoch=at_epoch, branch_step=step)
+        elif ours:
             # The new optimizer's own settings over the loaded ones (AdamW's decoupled decay, the overrides).
             rec = Recorder.branch(checkpoint, opt, model, shard_path, run_name=run_name, hyperparameters=hyper,
                                   overrides=fresh_groups[0], load_optimizer_state=keep_state,
