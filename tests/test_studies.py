@@ -365,3 +365,26 @@ def test_branches_to_sgd_and_rmsprop_record_epochs_and_continue_like_torch(fault
     table = branch_comparison(store)
     assert sorted(table["overrides"]) == ["lr=0.01 momentum=0.9 optimizer=SGD", "lr=0.01 optimizer=RMSprop"]
     assert table["diff_final"].notna().all()
+
+
+def test_the_cli_trains_branches_and_sweeps(tmp_path, capsys):
+    from instrumented_adam.demo.cli import main
+
+    store = tmp_path / "cli.sqlite"
+    assert main(["train", str(store), "--task", "linreg", "--task-arg", "n_train=64", "--epochs", "3", "--set", "lr=0.1"]) == 0
+    assert main(["branch", str(store), "linreg-root-s0", "--at-epoch", "2", "--set", "lr=0.05", "--set", "betas=0.9,0.99",
+                 "--executor", "serial"]) == 0
+    out = capsys.readouterr().out
+    assert "@2 betas=0.9,0.99 lr=0.05" in out and "1 finished; trained 1" in out
+    assert main(["sweep", str(store), "1", "--at-epoch", "1,2", "--grid", "lr=0.05,0.2", "--seeds", "1",
+                 "--executor", "serial"]) == 0
+    assert "4 finished; trained 4" in capsys.readouterr().out
+    assert main(["sweep", str(store), "1", "--at-epoch", "1,2", "--grid", "lr=0.05,0.2", "--executor", "serial"]) == 0
+    assert "4 reused; trained 0" in capsys.readouterr().out
+    assert main(["sweep", str(store), "1", "--at-epoch", "2", "--grid", "lr=-1", "--executor", "serial"]) == 1
+    assert "Invalid learning rate" in capsys.readouterr().err
+    assert main(["runs", str(store), "--tree"]) == 0
+    tree = capsys.readouterr().out
+    assert tree.count("└─") == 5 and "@1 lr=0.2" in tree
+    assert main(["study-report", str(store)]) == 0
+    assert (tmp_path / "cli-study.html").exists()

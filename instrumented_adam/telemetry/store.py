@@ -41,6 +41,8 @@ untouched):
     checkpoints(run_id, step, epochs_done, path, saved_at)
     leases(run_id, writer, host, pid, pid_namespace, acquired_at, heartbeat, expire_after)
     gaps(gap_id, run_id, from_step, to_step, from_epoch, to_epoch, reason, marked_at)
+    study_branches(branch_id, run_id, parent_run, branch_epoch, seed, spec JSON, status, error,
+                   attempts, updated_at)      branching studies' specs; created on demand (no version bump)
 
 Hyperparameter columns are not Adam's alone: beyond ``lr`` and ``weight_decay`` (which every
 torch optimizer has) they are created on demand from the names the writer passes (beta1, beta2,
