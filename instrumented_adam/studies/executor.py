@@ -276,7 +276,10 @@ class RayExecutor(Executor):
     cluster `ray.init` finds or starts). Each job asks for `num_cpus` CPUs (its torch threads)
     and `num_gpus` GPUs, or what its `Job.resources` say. Ray retries a task whose worker died
     `max_retries` times; a task that raises is failed with its traceback. `init_kwargs` go to
-    `ray.init` when this executor starts Ray (it is then shut down after `run`)."""
+    `ray.init` when this executor starts Ray (it is then shut down after `run`).
+
+    The task's module must be importable on every node: installed there, or shipped with
+    ``ray.init(runtime_env={"working_dir": ...})`` / ``{"env_vars": {"PYTHONPATH": ...}}``."""
 
     def __init__(self, address: str | None = None, *, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2,
                  init_kwargs: Mapping[str, Any] | None = None) -> None:
