@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-DEPENDENCIES="pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis ray"
+DEPENDENCIES="pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis"
 # What an install depends on: when none of it changed since the last successful run (the stamp in
 # the venv), the packages and the package metadata are up to date and only the extension needs an
 # incremental build (seconds when nothing changed). pip's editable install always rebuilds from
@@ -25,7 +25,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   $PIP install --quiet --upgrade pip >/dev/null
   # torch alone first, pinned: nothing later may replace it.
   $PIP install --quiet "torch==${TORCH_VERSION}" ninja numpy
-  $PIP install --quiet $DEPENDENCIES
+  $PIP install --quiet $DEPENDENCIES ray  # ray: the studies' RayExecutor, whose test CI runs (~35 s, 240 MB)
   echo "== building and installing instrumented_adam (the C++ kernels: about 2 minutes on 2 cores)"
   MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP install --quiet --no-build-isolation --no-deps -e .
   echo "$WANT" > "$STAMP"
