@@ -198,6 +198,8 @@ setup(
         "lightning": ["lightning"],
         "hf": ["transformers", "accelerate"],
         "test": ["pytest", "expecttest", "hypothesis"],
+        # Branching studies on a cluster (studies/executor.py, RayExecutor); local sweeps need nothing.
+        "ray": ["ray"],
     },
     entry_points={"console_scripts": ["instrumented-adam=instrumented_adam.demo.cli:main"]},
 )

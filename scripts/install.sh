@@ -27,7 +27,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   $PIP install --quiet --upgrade pip >/dev/null
   # torch alone first, pinned: nothing later may replace it.
   $PIP install --quiet "torch==${TORCH_VERSION}" ninja numpy
-  $PIP install --quiet $DEPENDENCIES
+  $PIP install --quiet $DEPENDENCIES ray  # ray: the studies' RayExecutor, whose test CI runs (~35 s, 240 MB)
   echo "== building and installing instrumented_adam (the C++ kernels: about 2 minutes on 2 cores)"
   # Verbose so that the build's progress can be shown; the whole output is kept in $LOG.
   MAX_JOBS=${MAX_JOBS:-$(nproc)} $PIP install -v --no-build-isolation --no-deps -e . 2>&1 | build_progress "$LOG" \

@@ -1,4 +1,4 @@
-"""The package's layers: core < telemetry < analysis < demo, imports only pointing down, and the
+"""The package's layers: core < telemetry < analysis < studies < demo, imports only pointing down, and the
 store and the report usable without torch or the compiled extension (issue 8)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import instrumented_adam as ia
 from instrumented_adam.telemetry.recorder import Recorder
 
 PACKAGE = Path(ia.__file__).resolve().parent
-LAYERS = ("core", "telemetry", "analysis", "demo")
+LAYERS = ("core", "telemetry", "analysis", "studies", "demo")
 
 
 def _imported_modules(path: Path, root: Path = PACKAGE.parent) -> list[tuple[int, str]]:
@@ -68,7 +68,17 @@ def test_the_import_parser_sees_an_upward_import(tmp_path):
     names = [n for _, n in _imported_modules(fake, tmp_path)]
     assert "instrumented_adam.demo.tasks" in names and "instrumented_adam.analysis.report" in names
     assert "instrumented_adam.core.stats" in names
-    assert sorted({_layer(n) for n in names if _layer(n) is not None}) == [0, 2, 3]
+    assert sorted({_layer(n) for n in names if _layer(n) is not None}) == [0, 2, 4]
+
+
+def test_the_studies_layer_sits_between_analysis_and_demo(tmp_path):
+    """A study module may use the analysis; the analysis may not use the studies."""
+    fake = tmp_path / "instrumented_adam" / "analysis" / "probe.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("from ..studies import study\n")
+    layers = {_layer(n) for _, n in _imported_modules(fake, tmp_path)}
+    assert layers == {LAYERS.index("studies")} and LAYERS.index("studies") > LAYERS.index("analysis")
+    assert LAYERS.index("analysis") < LAYERS.index("studies") < LAYERS.index("demo")
 
 
 def _loaded_after(code: str) -> dict[str, bool]:
@@ -81,7 +91,8 @@ def _loaded_after(code: str) -> dict[str, bool]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["instrumented_adam.store", "instrumented_adam.telemetry.store", "instrumented_adam"])
+@pytest.mark.parametrize("module", ["instrumented_adam.store", "instrumented_adam.telemetry.store", "instrumented_adam",
+                                    "instrumented_adam.analysis.branches"])
 def test_importing_the_store_loads_neither_torch_nor_the_extension(module):
     assert _loaded_after(f"import {module}") == {"torch": False, "_C": False}
 

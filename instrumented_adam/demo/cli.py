@@ -5,6 +5,8 @@
     instrumented-adam runs STORE                   list the runs of a store
     instrumented-adam export STORE [RUN] --format tensorboard|csv|parquet --out DIR
     instrumented-adam check STORE [RUN ...]        health findings; exit 1 when a run is unhealthy
+    instrumented-adam train|branch|sweep|study-report  branching studies (see `demo.study_cli`)
+    instrumented-adam runs STORE --tree            the provenance tree of runs and branches
 
 `--help`, `--version`, `runs` and `check` never import torch: only `demo` needs it (its options'
 choices come from the tasks module, which is loaded only when the command is `demo`).
@@ -97,6 +99,9 @@ def build_parser(demo_options: bool = True) -> argparse.ArgumentParser:
         _add_demo_options(demo)
 
     _add_store_commands(sub)
+    from .study_cli import add_study_commands  # train, branch, sweep, study-report (issue 13)
+
+    add_study_commands(sub)
     return parser
 
 
@@ -180,6 +185,8 @@ def _add_store_commands(sub) -> None:
                           description="Lists the runs of a store: status, optimizer, task, epochs and steps each ran, "
                                       "lineage (parent run and branch epoch) and start time.")
     runs.add_argument("store", type=Path, help="the run store (.sqlite)")
+    runs.add_argument("--tree", action="store_true",
+                      help="print the provenance tree: each run's branches (branch epoch, overrides, status) under it")
     runs.set_defaults(handler=cmd_runs)
 
     check = sub.add_parser("check", help="print the health findings of runs; exit 1 when one is unhealthy",
@@ -422,6 +429,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     """Lists the runs of a store."""
     import pandas as pd
+
+    if getattr(args, "tree", False):
+        from .study_cli import cmd_runs_tree
+
+        return cmd_runs_tree(args)
 
     store = open_store(args.store)
     try:

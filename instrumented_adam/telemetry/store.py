@@ -41,6 +41,8 @@ untouched):
     checkpoints(run_id, step, epochs_done, path, saved_at)
     leases(run_id, writer, host, pid, pid_namespace, acquired_at, heartbeat, expire_after)
     gaps(gap_id, run_id, from_step, to_step, from_epoch, to_epoch, reason, marked_at)
+    study_branches(branch_id, run_id, parent_run, branch_epoch, seed, spec JSON, status, error,
+                   attempts, updated_at)      branching studies' specs; created on demand (no version bump)
 
 Hyperparameter columns are not Adam's alone: beyond ``lr`` and ``weight_decay`` (which every
 torch optimizer has) they are created on demand from the names the writer passes (beta1, beta2,
@@ -1390,6 +1392,155 @@ class RunStore:
         """SQLite's ``PRAGMA integrity_check`` ('ok' when the file is sound)."""
         with self._lock:
             return "\n".join(r[0] for r in self.conn.execute("PRAGMA integrity_check"))
+
+    # ---- studies: branch bookkeeping and shard merging (issue 13) ---------------------------
+    # A study's workers each write their own store (a shard); only the driver writes the study's
+    # store, merging a finished shard in one transaction. The study_branches table is created on
+    # demand (CREATE TABLE IF NOT EXISTS) in any schema-2 store opened for writing: no version bump.
+    _STUDY_BRANCHES = """
+    CREATE TABLE IF NOT EXISTS study_branches (
+        branch_id TEXT PRIMARY KEY,
+        run_id INTEGER REFERENCES runs(run_id),
+        parent_run INTEGER REFERENCES runs(run_id),
+        branch_epoch INTEGER,
+        seed INTEGER,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        updated_at TEXT NOT NULL
+    )"""
+    #: Statuses of a study branch (its run, once merged, has the run statuses).
+    STUDY_BRANCH_STATUSES = ("pending", "finished", "failed")
+
+    def ensure_study_tables(self) -> None:
+        """Creates the study_branches table where missing (an existing store gains it)."""
+        if self._has_table("study_branches"):
+            return
+        with self._write() as conn:
+            conn.execute(self._STUDY_BRANCHES)
+
+    def study_branches(self) -> pd.DataFrame:
+        """The branches of studies recorded in this store: branch_id (the spec's content hash),
+        run_id (once merged), parent_run, branch_epoch, seed, spec (a dict), status ('pending',
+        'finished', 'failed'), error, attempts, updated_at. Empty when no study wrote here."""
+        columns = ["branch_id", "run_id", "parent_run", "branch_epoch", "seed", "spec", "status", "error", "attempts",
+                   "updated_at"]
+        if not self._has_table("study_branches"):
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+        df = self._query("SELECT * FROM study_branches ORDER BY rowid")
+        df["spec"] = df["spec"].map(json.loads)
+        for col in ("run_id", "parent_run", "branch_epoch", "seed"):
+            df[col] = df[col].astype("Int64")
+        return df[columns]
+
+    def set_study_branch(self, branch_id: str, *, spec: Mapping[str, Any], status: str, parent_run: int | None = None,
+                         branch_epoch: int | None = None, seed: int | None = None, error: str | None = None,
+                         attempts: int = 0, run_id: int | None = None) -> None:
+        """Records (or updates) one study branch's row."""
+        if status not in self.STUDY_BRANCH_STATUSES:
+            raise StoreError(f"a study branch's status is one of {self.STUDY_BRANCH_STATUSES}, got {status!r}")
+        self.ensure_study_tables()
+        with self._write() as conn:
+            self._upsert_branch(conn, branch_id, spec, status, parent_run, branch_epoch, seed, error, attempts, run_id)
+
+    @staticmethod
+    def _upsert_branch(conn: sqlite3.Connection, branch_id: str, spec: Mapping[str, Any], status: str,
+                       parent_run: int | None, branch_epoch: int | None, seed: int | None, error: str | None,
+                       attempts: int, run_id: int | None) -> None:
+        conn.execute(
+            "INSERT INTO study_branches(branch_id, run_id, parent_run, branch_epoch, seed, spec, status, error, attempts,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(branch_id) DO UPDATE SET"
+            " run_id=excluded.run_id, status=excluded.status, error=excluded.error, attempts=excluded.attempts,"
+            " updated_at=excluded.updated_at",
+            (branch_id, run_id, parent_run, branch_epoch, seed, json.dumps(to_jsonable(dict(spec)), sort_keys=True),
+             status, error, int(attempts), utc_now()),
+        )
+
+    def run_header(self, run: int | str) -> dict[str, Any]:
+        """A run's row of the runs table as stored (JSON columns as text), for `add_run_header`."""
+        run_id = self.run_id(run)
+        with self._lock:
+            cur = self.conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,))
+            return dict(zip([d[0] for d in cur.description], cur.fetchone()))
+
+    def add_run_header(self, row: Mapping[str, Any]) -> int:
+        """Adds a run's row (from `run_header`, keeping its run_id; status 'finished', no lineage,
+        no rows). A branch's shard holds its parent this way, so that the branch records its
+        lineage there; `merge_shard` maps that id back to the parent in the study's store."""
+        values = {**row, "status": "finished", "parent_run": None, "branch_epoch": None, "branch_step": None}
+        mine = set(self.columns("runs"))
+        cols = [c for c in values if c in mine]
+        with self._write() as conn:
+            conn.execute(f"INSERT INTO runs({', '.join(map(_quote, cols))}) VALUES ({', '.join('?' * len(cols))})",
+                         [values[c] for c in cols])
+        return int(values["run_id"])
+
+    def merge_shard(self, shard: str | Path, runs: Sequence[int], id_map: Mapping[int, int],
+                    branch: Mapping[str, Any] | None = None) -> dict[int, int]:
+        """Copies runs of another store (a worker's shard) with all their rows into this one, in
+        one transaction with the study branch's row (`branch`: the keyword arguments of
+        `set_study_branch`, with ``run_id`` set to the merged run).
+
+        `runs` are the shard's run ids to copy (they get new ids here, in the order given);
+        `id_map` maps the shard's other run ids (a parent's header) to runs of this store. Columns
+        the shard has and this store lacks are added. Returns {shard run id: new run id}.
+        """
+        shard = Path(shard)
+        if not shard.is_file():
+            raise FileNotFoundError(f"no shard at {shard}")
+        if branch is not None:
+            self.ensure_study_tables()
+        with self._lock:
+            conn = self.conn
+            conn.execute("ATTACH DATABASE ? AS shard", (f"{shard.resolve().as_uri()}?mode=ro",))
+            try:
+                with self._write() as conn:
+                    return self._merge_attached(conn, list(runs), dict(id_map), branch)
+            finally:
+                conn.execute("DETACH DATABASE shard")
+
+    def _merge_attached(self, conn: sqlite3.Connection, runs: list[int], id_map: dict[int, int],
+                        branch: Mapping[str, Any] | None) -> dict[int, int]:
+        def shard_columns(table: str) -> list[tuple[str, str]]:
+            return [(r[1], r[2]) for r in conn.execute(f"PRAGMA shard.table_info({table})")]
+
+        run_cols = [c for c, _ in shard_columns("runs") if c != "run_id"]
+        mapping = dict(id_map)
+        for old in runs:
+            row = conn.execute(f"SELECT {', '.join(map(_quote, run_cols))} FROM shard.runs WHERE run_id=?", (old,)).fetchone()
+            if row is None:
+                raise UnknownRunError(f"no run {old} in the shard")
+            values = dict(zip(run_cols, row))
+            parent = values.get("parent_run")
+            if parent is not None:
+                if parent not in mapping:
+                    raise StoreError(f"run {old} of the shard has parent {parent}, which is neither merged nor mapped")
+                values["parent_run"] = mapping[parent]
+            cur = conn.execute(f"INSERT INTO runs({', '.join(map(_quote, run_cols))}) VALUES ({', '.join('?' * len(run_cols))})",
+                               list(values.values()))
+            mapping[old] = int(cur.lastrowid)
+        seq_offset = conn.execute("SELECT COALESCE(max(seq), 0) FROM main.metrics").fetchone()[0]
+        for table in (*_RUN_TABLES, "gaps"):
+            cols = [(c, kind) for c, kind in shard_columns(table) if c not in ("run_id", "gap_id")]
+            mine = {r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")}
+            missing = [c for c, _ in cols if c not in mine]
+            if missing:
+                self._add_missing_columns(conn, table, missing)
+            names = [c for c, _ in cols]
+            select = ", ".join(f"seq + {int(seq_offset)}" if (table == "metrics" and c == "seq") else _quote(c) for c in names)
+            for old in runs:
+                conn.execute(
+                    f"INSERT INTO main.{table}(run_id, {', '.join(map(_quote, names))}) SELECT ?, {select} "
+                    f"FROM shard.{table} WHERE run_id=?",
+                    (mapping[old], old),
+                )
+        if branch is not None:
+            b = dict(branch)
+            self._upsert_branch(conn, b["branch_id"], b["spec"], b["status"], b.get("parent_run"), b.get("branch_epoch"),
+                                b.get("seed"), b.get("error"), b.get("attempts", 0),
+                                mapping.get(b["run_id"]) if b.get("run_id") is not None else None)
+        return {old: mapping[old] for old in runs}
 
 
 def wait_for_store(path: str | Path, timeout: float = 60.0, poll: float = 0.05, **kwargs: Any) -> RunStore:
