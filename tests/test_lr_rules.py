@@ -409,3 +409,74 @@ def test_an_existing_store_without_the_table_gains_it_when_opened_for_writing(tm
                                         "detail": {"reference": 1.0}}])
         got = store.lr_decisions(run)
         assert got["detail"].tolist() == [{"reference": 1.0}] and got["lr_after"].tolist() == [0.5]
+
+
+def test_the_report_shows_the_decisions(tmp_path):
+    from instrumented_adam.analysis.report import build_report
+
+    model, x, y = make_task()
+    opt = ia.Adam(model.parameters(), lr=0.02)
+    rule = CarefulLR(opt, factor=0.5, grow=2.0, patience=1, rollback=True)
+    rec = Recorder(opt, tmp_path / "rep.sqlite", run_name="careful", model=model)
+    rec.add_lr_rule(rule)
+    for epoch in range(6):
+        val = train_epoch(model, opt, x, y, epoch)
+        rec.end_epoch(val_loss=float(val))
+        rule.step(val)
+    rec.close()
+    page = build_report(tmp_path / "rep.sqlite", permutations=19)
+    assert '<h2 id="lr-decisions">Learning-rate decisions</h2>' in page
+    assert "rollback" in page and "<td>grow</td>" in page
+
+
+# ---- the study -------------------------------------------------------------------------------
+def test_bootstrap_and_reach_helpers():
+    from instrumented_adam.demo.lr_study import bootstrap_ci, first_reach
+
+    assert bootstrap_ci([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    value, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert value == 22.0 and 1.0 <= lo < value < hi <= 100.0
+    median, lo, hi = bootstrap_ci([3.0, 4.0, math.inf], stat=__import__("numpy").median)
+    assert median == 4.0 and lo == 3.0 and hi == math.inf  # an unreached seed widens the CI to ∞
+    assert first_reach([3.0, 2.0, 1.0], 2.0) == 2 and first_reach([3.0], 1.0) is None
+
+
+def test_the_study_runs_every_method_and_reports(tmp_path):
+    from instrumented_adam.demo import lr_study
+
+    seen = []
+    results = lr_study.run_study(["linreg"], [0], epochs={"linreg": 4}, store=tmp_path / "s.sqlite",
+                                 progress=lambda i, n, job: seen.append(job.method))
+    assert seen == list(lr_study.METHODS) and all(len(r.val_loss) == 4 and len(r.lr) == 4 for r in results)
+    by = {r.method: r for r in results}
+    assert by["constant"].lr == [0.1] * 4 and by["exp-decay"].lr[1] < 0.1
+    assert by["extrapolation"].probe_evaluations >= 2 * 4 and by["prodigy"].run_id is None
+    with RunStore(tmp_path / "s.sqlite", readonly=True) as store:
+        decisions = store.lr_decisions()
+        assert set(decisions["rule"]) == {"aligned", "careful", "extrapolation", "hypergradient", "eve"}
+        assert len(store.runs()) == len(lr_study.METHODS) - 1  # Prodigy is not instrumented
+    # The lr in force that the study reports is what the store recorded for the run.
+    with RunStore(tmp_path / "s.sqlite", readonly=True) as store:
+        assert store.epochs(by["aligned"].run_id)["lr"].tolist() == pytest.approx(by["aligned"].lr, rel=1e-12)
+    md = lr_study.write_study_report(results, tmp_path / "out", header="test")
+    text = md.read_text()
+    assert "### linreg" in text and "| hypergradient |" in text and "| prodigy |" in text
+    assert (tmp_path / "out" / "study.png").stat().st_size > 0
+    again = lr_study.load_results(tmp_path / "out" / "study.json")
+    assert [r.val_loss for r in again] == [r.val_loss for r in results]
+    with pytest.raises(ValueError, match="unknown method"):
+        lr_study.study_jobs(["linreg"], [0], ["nope"])
+
+
+def test_the_study_command(tmp_path, capsys):
+    from instrumented_adam.demo.cli import main
+
+    out = tmp_path / "study"
+    args = ["study", "lr-rules", "--tasks", "linreg", "--seeds", "1", "--methods", "constant,careful",
+            "--epochs", "linreg=3", "--target", "linreg=0.5", "--out", str(out)]
+    assert main(args) == 0
+    text = (out / "study.md").read_text()
+    assert "target validation loss 0.5" in text and "| careful |" in text and "torch 2." in text
+    assert main(args) == 1  # the store exists: refused, nothing overwritten
+    assert main(["study", "lr-rules", "--methods", "nope", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown method" in capsys.readouterr().err

@@ -244,7 +244,7 @@ def _add_study_commands(sub) -> None:
     lr.add_argument("--epochs", type=_task_value, action="append", default=[], metavar="TASK=N",
                     help="epochs of a task (repeatable; default: the task's)")
     lr.add_argument("--target", type=_task_value, action="append", default=[], metavar="TASK=LOSS",
-                    help="target validation loss of a task (repeatable; default: 1.1 × the constant-lr median best)")
+                    help="target validation loss of a task (repeatable; default: per seed, 1.1 × the constant-lr run's best)")
     lr.add_argument("--out", type=Path, default=DEFAULT_STUDY_DIR, help=f"output directory (default: ./{DEFAULT_STUDY_DIR})")
     lr.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     lr.set_defaults(handler=cmd_study_lr_rules)
