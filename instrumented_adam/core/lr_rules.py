@@ -105,7 +105,11 @@ class LRRule(LRScheduler):
 
     # ---- torch's conventions ----------------------------------------------------------------
     def get_last_lr(self) -> list[float]:
-        """The lr of each param group after the last step() (floats)."""
+        """The lr of each param group after the last step() (floats).
+
+        For a per-step rule this reads the device tensors (a host sync): call it outside the
+        training loop's hot path.
+        """
         return [_lr_value(g["lr"]) for g in self.optimizer.param_groups]
 
     def get_lr(self) -> list[float]:  # LRScheduler's abstract hook: the rule decides in step()
