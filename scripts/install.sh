@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-DEPENDENCIES="pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis lightning transformers accelerate"
+DEPENDENCIES="pandas scipy plotly matplotlib tqdm scikit-learn pyarrow tensorboard pytest expecttest hypothesis prodigyopt lightning transformers accelerate"
 # What an install depends on: when none of it changed since the last successful run (the stamp in
 # the venv), the packages and the package metadata are up to date and only the extension needs an
 # incremental build (seconds when nothing changed). pip's editable install always rebuilds from

@@ -206,3 +206,30 @@ def snapshot(opt, params):
         (p.detach().clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state.get(p, {}).items()})
         for p in params
     ]
+
+
+from torch.utils._python_dispatch import TorchDispatchMode as TorchDispatchModeBase  # noqa: E402
+
+
+class OpCounter(TorchDispatchModeBase):
+    """Counts the aten ops run inside it by name. Reads of the given optimizers' step counters
+    (0-d int64 tensors that live on the CPU whatever the parameters' device, so reading one never
+    waits for a GPU) are named "<op> (step counter)", so that a test can forbid every other read."""
+
+    def __init__(self, *optimizers) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self._counters = [opt._ia.step_count for opt in optimizers]
+        assert all(c.device.type == "cpu" for c in self._counters)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if args and any(args[0] is c for c in self._counters):
+            name += " (step counter)"
+        self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def counts(self, device_only: bool = False):
+        import collections
+
+        return collections.Counter(op for op in self.ops if not (device_only and op.endswith("(step counter)")))

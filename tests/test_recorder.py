@@ -187,32 +187,15 @@ def test_step_every_and_flush_every(tmp_path):
 def test_the_step_hook_is_a_few_device_ops_without_reads(tmp_path):
     """The per-step capture: a constant handful of ops, whatever the number of tensors, and
     nothing that reads a value back to the host (which would synchronise with a GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self, step_counter):
-            super().__init__()
-            self.ops = []
-            self.step_counter = step_counter
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if args and args[0] is self.step_counter:
-                # The optimizer's step counter: a 0-d int64 tensor that lives on the CPU whatever
-                # the parameters' device (a compiled step increments it in the graph); reading it
-                # never waits for a GPU.
-                name += " (step counter)"
-            self.ops.append(name)
-            return func(*args, **(kwargs or {}))
+    from conftest import OpCounter
 
     def step_ops(model, opt):
         x = torch.randn(8, 6)
         opt.zero_grad()
         model(x).pow(2).mean().backward()
-        assert opt._ia.step_count.device.type == "cpu"
-        with Count(opt._ia.step_count) as mode:
+        with OpCounter(opt) as mode:
             opt.step()
-        return collections.Counter(mode.ops)
+        return mode.counts()
 
     hook_ops = []
     for width in (2, 40):

@@ -35,6 +35,8 @@ TABLES: dict[str, str] = {
     "checkpoints": "Checkpoints the recorder saved, with the position they hold.",
     "leases": "Which process currently writes a run (one writer per run; a stale lease can be taken over).",
     "gaps": "Step/epoch ranges known to be missing from a run (e.g. lost to a crash before a flush).",
+    "lr_decisions": "Decisions of learning-rate rules (core.lr_rules, written by `Recorder.add_lr_rule`): what "
+                    "each rule saw and what it did to the lr. Per-step rules write one summary per epoch.",
 }
 
 #: Columns that are not figures, by table ("*" for every table that has the column).
@@ -90,6 +92,17 @@ COLUMNS: dict[tuple[str, str], str] = {
     ("checkpoints", "epochs_done"): "Epochs completed in the checkpoint.",
     ("checkpoints", "path"): "Where the checkpoint file was written.",
     ("checkpoints", "saved_at"): "UTC time it was saved.",
+    ("lr_decisions", "seq"): "Order of the run's decisions.",
+    ("lr_decisions", "grp"): "The param group the decision was for, -1 for all groups at once.",
+    ("lr_decisions", "rule"): "The rule (aligned, careful, extrapolation, hypergradient, eve).",
+    ("lr_decisions", "action"): "What it did: up, down, hold, cut, rollback, grow, jump (moved θ along s_k), stay.",
+    ("lr_decisions", "lr_before"): "The lr before the decision (param group `grp`, or group 0 when grp is -1).",
+    ("lr_decisions", "lr_after"): "The lr after it.",
+    ("lr_decisions", "figure"): "The figure that triggered it (cos_prev, loss, probe_loss, cos_grad_prev_exp_avg, "
+                                "eve_d).",
+    ("lr_decisions", "value"): "Its value (per-step rules: the mean over the epoch's steps).",
+    ("lr_decisions", "detail"): "JSON: more of what the rule saw (CarefulLR's reference loss; EpochExtrapolation's "
+                                "probe curve: alphas, losses and the α taken).",
     ("leases", "writer"): "An id of the writing process.",
     ("leases", "host"): "Its host name.",
     ("leases", "pid"): "Its process id.",

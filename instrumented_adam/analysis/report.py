@@ -408,6 +408,44 @@ class _NoProgress:
         pass
 
 
+#: Decisions that changed something, shown per run in the report (the rest are counted).
+LR_DECISION_ROWS = 25
+
+
+def lr_decisions_section(decisions: pd.DataFrame, runs: Sequence[RunData]) -> str:
+    """The learning-rate rules' decisions of the shown runs: counts per action, then the changes.
+
+    A change is a decision whose lr after differs from the lr before, or that moved the
+    parameters (an extrapolation's jump, a rollback); holds are only counted.
+    """
+    labels = {r.run_id: r.label for r in runs}
+    shown = decisions[decisions["run_id"].isin(list(labels))]
+    if not len(shown):
+        return ""
+    parts = ['<h2 id="lr-decisions">Learning-rate decisions</h2>',
+             '<p class="note">What each learning-rate rule saw and did (core.lr_rules): the figure that '
+             "triggered the decision, its value, and the lr before and after. Per-step rules are summarised per "
+             "epoch (the mean of their figure). docs/lr-rules.md defines the rules.</p>"]
+    for run_id, rows in shown.groupby("run_id", sort=True):
+        counts = rows["action"].value_counts()
+        summary = ", ".join(f"{html.escape(str(a))} {int(n)}" for a, n in counts.items())
+        parts.append(f"<h3>{html.escape(labels[run_id])}: {html.escape(', '.join(rows['rule'].unique()))}</h3>"
+                     f"<p>{summary}</p>")
+        changes = rows[(rows["lr_after"] != rows["lr_before"]) | rows["action"].isin(["jump", "rollback"])]
+        table_rows = []
+        for _, d in changes.head(LR_DECISION_ROWS).iterrows():
+            detail = d["detail"] if isinstance(d["detail"], dict) else {}
+            extra = f" (α = {_fmt(detail['alpha'])})" if "alpha" in detail else ""
+            table_rows.append([_fmt(int(d["epoch"])), _fmt(int(d["step"])), html.escape(str(d["action"])) + extra,
+                               _fmt(d["lr_before"]), _fmt(d["lr_after"]), html.escape(str(d["figure"])),
+                               _fmt(d["value"])])
+        if table_rows:
+            parts.append(_table(["epoch", "step", "action", "lr before", "lr after", "figure", "value"], table_rows))
+        if len(changes) > LR_DECISION_ROWS:
+            parts.append(f'<p class="note">First {LR_DECISION_ROWS} of {len(changes)} changes shown.</p>')
+    return "\n".join(parts)
+
+
 def build_report(
     store: RunStore | str | Path,
     runs: Sequence[int | str] | None = None,
@@ -449,6 +487,7 @@ def build_report(
     try:
         data = load_runs(store_obj, runs)
         path = store_obj.path
+        decisions = store_obj.lr_decisions()
     finally:
         if owned:
             store_obj.close()
@@ -479,6 +518,8 @@ def build_report(
             body.append("<nav><ul>" + "".join(f'<li><a href="#{anchors[g]}">{html.escape(g)}</a> ({len(rs)} runs)</li>'
                                               for g, rs in groups.items()) + "</ul></nav>")
             body.append("<h2>Runs</h2>" + runs_table(data))
+            if len(decisions):
+                body.append(lr_decisions_section(decisions, data))
             for name, group_runs in groups.items():
                 body.append(_group_section(name, group_runs, settings, top, detail_runs, anchors[name], figures, bar))
         finally:

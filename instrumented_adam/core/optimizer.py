@@ -651,6 +651,55 @@ class _Instrumented:
         self._ia.plans = {}  # the previous epoch's steps now take part in the step
         return geometry
 
+    # ---- moving along the epoch step (EpochExtrapolation) ----------------------------------
+    def _epoch_step_entries(self, what: str) -> list[tuple[Tensor, dict]]:
+        """(param, state) of every parameter with epoch buffers, checked to be at an epoch end."""
+        if not self.epoch_geometry:
+            raise RuntimeError(f"instrumented_adam: {what} needs an optimizer built with epoch_geometry=True")
+        if self.epochs_done == 0 or self.steps_done != self._ia.steps_at_epoch_end:
+            # Between steps θ is no longer θ_end(k): θ_end + α·s_k would throw those steps away.
+            raise RuntimeError(f"instrumented_adam: {what} works right after end_epoch(), before the next step "
+                               f"(epochs done {self.epochs_done}, steps since the last epoch end "
+                               f"{self.steps_done - self._ia.steps_at_epoch_end})")
+        entries = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and EPOCH_START_KEY in state and PREV_EPOCH_STEP_KEY in state:
+                    entries.append((p, state))
+        return entries
+
+    @torch.no_grad()
+    def probe_epoch_step(self, alpha: float) -> None:
+        """Puts the parameters at θ_end(k) + α·s_k to evaluate a loss there; nothing else changes.
+
+        For learning-rate rules that look further along the last epoch's step (see
+        `core.lr_rules.EpochExtrapolation`): call right after `end_epoch()`, evaluate, and finish
+        with `probe_epoch_step(0.0)` (θ back to θ_end(k) exactly) or `extrapolate_epoch_step`.
+        One pass over the parameters; the optimizer state and the epoch buffers are untouched.
+        """
+        for p, state in self._epoch_step_entries("probe_epoch_step"):
+            p.copy_(state[EPOCH_START_KEY])
+            if alpha != 0.0:
+                p.add_(state[PREV_EPOCH_STEP_KEY], alpha=float(alpha))
+
+    @torch.no_grad()
+    def extrapolate_epoch_step(self, alpha: float) -> None:
+        """Moves the parameters to θ_end(k) + α·s_k for good, keeping the epoch buffers consistent.
+
+        Afterwards the epoch just closed is taken to have ended at the new point: θ_end(k) ← θ
+        and s_k ← (1 + α)·s_k (the whole displacement from θ_end(k−1), rounded once to the
+        parameter's dtype), so the next epoch's step, its angle with s_k and ‖θ − θ₀‖ are measured
+        from where the parameters really are. The moments and step counters stay as they are.
+        """
+        alpha = float(alpha)
+        for p, state in self._epoch_step_entries("extrapolate_epoch_step"):
+            start, prev = state[EPOCH_START_KEY], state[PREV_EPOCH_STEP_KEY]
+            p.copy_(start).add_(prev, alpha=alpha)
+            prev.mul_(1.0 + alpha)
+            start.copy_(p)
+        self._ia.prev_step_sumsq = None  # ‖s_{k-1}‖² changed: recomputed from the buffers when needed
+
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict plus an `instrumentation` entry (counters); torch.optim ignores it."""

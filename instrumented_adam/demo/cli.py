@@ -7,6 +7,7 @@
     instrumented-adam check STORE [RUN ...]        health findings; exit 1 when a run is unhealthy
     instrumented-adam train|branch|sweep|study-report  branching studies (see `demo.study_cli`)
     instrumented-adam runs STORE --tree            the provenance tree of runs and branches
+    instrumented-adam study lr-rules [--tasks linreg,digits] [--seeds 5]   the learning-rate rules study
 
 `--help`, `--version`, `runs` and `check` never import torch: only `demo` needs it (its options'
 choices come from the tasks module, which is loaded only when the command is `demo`).
@@ -102,6 +103,7 @@ def build_parser(demo_options: bool = True) -> argparse.ArgumentParser:
     from .study_cli import add_study_commands  # train, branch, sweep, study-report (issue 13)
 
     add_study_commands(sub)
+    _add_study_commands(sub)
     return parser
 
 
@@ -210,6 +212,84 @@ def _add_store_commands(sub) -> None:
                         help="tensorboard (event files for TensorBoard), csv or parquet (needs pyarrow)")
     export.add_argument("--out", type=Path, required=True, help="output directory")
     export.set_defaults(handler=cmd_export)
+
+
+# ---- study lr-rules (issue 14) ---------------------------------------------------------------
+DEFAULT_STUDY_DIR = Path("runs") / "study-lr-rules"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _task_value(text: str) -> tuple[str, float]:
+    task, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not task or not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not TASK=VALUE with a positive VALUE")
+    return task, number
+
+
+def _add_study_commands(sub) -> None:
+    study = sub.add_parser("study", help="run a study (lr-rules: the learning-rate rules against the baselines)",
+                           description="Runs a study and writes its report (Markdown tables, JSON, a PNG) and a run "
+                                       "store of its instrumented runs.")
+    kinds = study.add_subparsers(dest="study", metavar="STUDY")
+    kinds.required = True
+    lr = kinds.add_parser("lr-rules", help="every learning-rate rule and baseline on every task and seed",
+                          description="Trains each task with Adam at its default lr under every rule and baseline "
+                                      "(constant, exp-decay, plateau, aligned, careful, careful-rollback, "
+                                      "extrapolation, hypergradient, eve-kh, prodigy) for each seed, and reports "
+                                      "epochs and seconds to a target validation loss, final and best validation "
+                                      "loss with bootstrap CIs over seeds, the lr trajectories and the decisions.")
+    lr.add_argument("--tasks", type=_csv, default=["linreg", "digits"], help="comma-separated (default: linreg,digits)")
+    lr.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: 5)")
+    lr.add_argument("--methods", type=_csv, default=None, help="comma-separated subset of the methods (default: all)")
+    lr.add_argument("--epochs", type=_task_value, action="append", default=[], metavar="TASK=N",
+                    help="epochs of a task (repeatable; default: the task's)")
+    lr.add_argument("--target", type=_task_value, action="append", default=[], metavar="TASK=LOSS",
+                    help="target validation loss of a task (repeatable; default: per seed, 1.1 × the constant-lr run's best)")
+    lr.add_argument("--out", type=Path, default=DEFAULT_STUDY_DIR, help=f"output directory (default: ./{DEFAULT_STUDY_DIR})")
+    lr.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
+    lr.set_defaults(handler=cmd_study_lr_rules)
+
+
+def cmd_study_lr_rules(args: argparse.Namespace) -> int:
+    """The lr-rules study: jobs through the local loop (see `demo.lr_study.run_study` for executors)."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+    from . import lr_study
+
+    methods = args.methods or list(lr_study.METHODS)
+    try:
+        epochs = {t: int(n) for t, n in args.epochs}
+        lr_study.study_jobs(args.tasks, range(args.seeds), methods, epochs=epochs)  # validates names
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "study.sqlite"
+    if store.exists():
+        raise UserError(f"{store} exists: choose another --out or remove it")
+    start = time.time()
+
+    def progress(i: int, n: int, job) -> None:
+        print(f"[{i + 1}/{n}] {job.task} {job.method} seed {job.seed} ({time.time() - start:.0f} s)", file=sys.stderr)
+
+    results = lr_study.run_study(args.tasks, range(args.seeds), methods, epochs=epochs, store=store,
+                                 threads=args.threads, progress=progress)
+    header = (f"instrumented_adam {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+              f"{platform.processor() or platform.machine()}, {args.threads} thread(s); "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {len(results)} runs in {time.time() - start:.0f} s")
+    md = lr_study.write_study_report(results, args.out, targets=dict(args.target), header=header)
+    print(md.read_text())
+    print(f"report: {md}  (runs recorded in {store})")
+    return EXIT_OK
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ class Recorder:
         self._capture = StepCapture(step_every, flush_every, self._emit)
         self._tb = None
         self._last_heartbeat = time.monotonic()
+        self._lr_rules: list[Any] = []  # learning-rate rules whose decisions are written (add_lr_rule)
         try:
             # Figure columns come from the stats code: a store made by an older version gains the new ones.
             self.store.ensure_columns("steps", STEP_FIGURES)
@@ -339,6 +340,29 @@ class Recorder:
         self._capture.take()
         if self._writer is not None:
             self._writer.drain(block=True)
+        self._write_lr_decisions()
+
+    # ---- learning-rate rules ----------------------------------------------------------------
+    def add_lr_rule(self, rule: Any) -> None:
+        """Records the decisions of a learning-rate rule (`core.lr_rules`) in the run store.
+
+        The rule's log (`rule.pop_decisions()`) is written at every flush: each `end_epoch`,
+        `save_checkpoint` and `close`. Step an epoch rule before saving that epoch's checkpoint,
+        so that a resume keeps its decision (the store truncates decisions by epoch, as epoch rows).
+        """
+        if not hasattr(rule, "pop_decisions"):
+            raise TypeError(f"{type(rule).__name__} has no decision log (pop_decisions)")
+        self._lr_rules.append(rule)
+
+    def _write_lr_decisions(self) -> None:
+        rows = []
+        for rule in self._lr_rules:
+            for decision in rule.pop_decisions():
+                row = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision)
+                row["step"] = int(row["step"]) + self._step_offset
+                rows.append(row)
+        if rows:
+            self.store.write_lr_decisions(self.run_id, rows)
 
     # ---- metrics ----------------------------------------------------------------------------
     def _hyper_names(self) -> tuple[str, ...]:

@@ -43,6 +43,9 @@ untouched):
     gaps(gap_id, run_id, from_step, to_step, from_epoch, to_epoch, reason, marked_at)
     study_branches(branch_id, run_id, parent_run, branch_epoch, seed, spec JSON, status, error,
                    attempts, updated_at)      branching studies' specs; created on demand (no version bump)
+    lr_decisions(run_id, seq, epoch, step, rule, grp, action, lr_before, lr_after, figure, value,
+                 detail JSON)   learning-rate rules' decisions (core.lr_rules); created when a
+                                 store is opened for writing, so older v2 files gain it
 
 Hyperparameter columns are not Adam's alone: beyond ``lr`` and ``weight_decay`` (which every
 torch optimizer has) they are created on demand from the names the writer passes (beta1, beta2,
@@ -234,6 +237,26 @@ _RUN_TABLES: dict[str, str] = {
     "layer_epochs": "epoch",
     "metrics": "epoch",
     "checkpoints": "step",
+}
+# Tables added within schema 2 (no version bump): created by the first open for writing, read as
+# empty where missing; rows of a run, with the epoch column that orders them (for truncation).
+_OPTIONAL_RUN_TABLES: dict[str, str] = {"lr_decisions": "epoch"}
+_OPTIONAL_TABLE_SQL: dict[str, str] = {
+    "lr_decisions": """
+CREATE TABLE IF NOT EXISTS lr_decisions (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    grp INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    lr_before REAL, lr_after REAL,
+    figure TEXT NOT NULL,
+    value REAL,
+    detail TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID"""
 }
 # The tables whose rows a checkpoint's position counts (checkpoints themselves are bookkeeping).
 _POSITION_TABLES = ("steps", "step_groups", "epochs", "layer_epochs", "metrics")
@@ -536,6 +559,8 @@ class RunStore:
             except sqlite3.OperationalError as e:
                 raise _describe_open_failure(self.path, e, False) from e
         self.conn.execute("PRAGMA foreign_keys=ON")
+        if not self.readonly and version == SCHEMA_VERSION:
+            self._ensure_optional_tables()
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -1071,6 +1096,10 @@ class RunStore:
                 late += conn.execute("DELETE FROM metrics WHERE run_id=? AND seq > ?", (run_id, metrics_seq or 0)).rowcount
             deleted["metrics"] += late
             conn.execute("DELETE FROM gaps WHERE run_id=? AND COALESCE(from_step, -1) > ?", (run_id, step))
+            for table, column in _OPTIONAL_RUN_TABLES.items():
+                if self._has_table(table):
+                    deleted[table] = conn.execute(f"DELETE FROM {table} WHERE run_id=? AND {column} >= ?",
+                                                  (run_id, epoch)).rowcount
             conn.execute(
                 "UPDATE runs SET status=?, status_detail=NULL, finished_at=NULL, updated_at=? WHERE run_id=?",
                 (status, utc_now(), run_id),
@@ -1088,6 +1117,9 @@ class RunStore:
             self._check_lease(conn, run_id)
             for table in (*_RUN_TABLES, "gaps", "leases"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+            for table in _OPTIONAL_RUN_TABLES:
+                if self._has_table(table):
+                    conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
             conn.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
         writer = self._leases.pop(run_id, None)
         if writer is not None:
@@ -1387,6 +1419,57 @@ class RunStore:
                 break
             chain.append(int(parent))
         return chain[::-1]
+
+    # ---- learning-rate rules' decisions (issue 14) -------------------------------------------
+    def _ensure_optional_tables(self) -> None:
+        """Creates the tables added within schema 2 (CREATE TABLE IF NOT EXISTS), when missing."""
+        with self._lock:
+            have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = [t for t in _OPTIONAL_RUN_TABLES if t not in have]
+        if missing:
+            with self._write(migrate=False) as conn:
+                for table in missing:
+                    for statement in _OPTIONAL_TABLE_SQL[table].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+
+    def write_lr_decisions(self, run_id: int, decisions: Iterable[Mapping[str, Any]]) -> int:
+        """Appends decisions of learning-rate rules (`core.lr_rules.Decision.to_dict()` rows).
+
+        Each row needs rule, epoch, step, group, action, lr_before, lr_after, figure, value and
+        may carry a JSON-able detail (e.g. a probe curve). Returns the number of rows written.
+        """
+        rows = list(decisions)
+        if not rows:
+            return 0
+        if not self._has_table("lr_decisions"):
+            self._ensure_optional_tables()
+        with self._write() as conn:
+            self._check_lease(conn, run_id)
+            seq = conn.execute("SELECT COALESCE(max(seq), 0) FROM lr_decisions WHERE run_id=?", (run_id,)).fetchone()[0]
+            conn.executemany(
+                "INSERT INTO lr_decisions(run_id, seq, epoch, step, rule, grp, action, lr_before, lr_after, figure, "
+                "value, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, seq + i + 1, int(d["epoch"]), int(d["step"]), str(d["rule"]), int(d.get("group", -1)),
+                  str(d["action"]), _clean(float(d["lr_before"])), _clean(float(d["lr_after"])), str(d["figure"]),
+                  _clean(float(d["value"])), json.dumps(to_jsonable(d.get("detail") or {})))
+                 for i, d in enumerate(rows)],
+            )
+        return len(rows)
+
+    def lr_decisions(self, run: int | str | None = None) -> pd.DataFrame:
+        """Learning-rate rules' decisions: run_id, seq, epoch, step, rule, grp (-1: all groups),
+        action, lr_before, lr_after, figure, value, detail (a dict). Empty without any."""
+        columns = ["run_id", "seq", "epoch", "step", "rule", "grp", "action", "lr_before", "lr_after", "figure",
+                   "value", "detail"]
+        if not self._has_table("lr_decisions"):
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+        where, params = self._where(run)
+        df = self._query(f"SELECT {', '.join(columns)} FROM lr_decisions{where} ORDER BY run_id, seq", params)
+        df["detail"] = [json.loads(d) if isinstance(d, str) else {} for d in df["detail"]]
+        for col in ("lr_before", "lr_after", "value"):
+            df[col] = df[col].astype(float)
+        return df
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` ('ok' when the file is sound)."""
