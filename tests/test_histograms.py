@@ -297,3 +297,44 @@ def test_cuda_counts_match_frexp(name, dtype):
             # arithmetic at a bin edge, so by at most a few elements moving to a neighbour bin.
             np.testing.assert_array_equal(counts[i, :2].numpy(), expected[:2])
             assert np.abs(counts[i, 2].numpy() - expected[2]).sum() <= max(2, p.numel() // 10_000)
+
+
+def test_recorder_store_and_exports(tmp_path):
+    """Recorded histograms reach the store (per tensor, at the optimizer's steps), CSV and TensorBoard."""
+    from instrumented_adam.telemetry.export import to_csv, to_tensorboard
+    from instrumented_adam.telemetry.recorder import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    opt = ia.Adam(model.parameters(), lr=1e-2, histogram_every=4)
+    expected = {}
+    with Recorder(opt, tmp_path / "s.sqlite", "h", model=model, flush_every=3) as rec:
+        for epoch in range(2):
+            for _ in range(5):
+                opt.zero_grad()
+                model(torch.randn(8, 6)).pow(2).mean().backward()
+                opt.step()
+                h = opt.last_step_histograms()
+                if h is not None:
+                    expected[h.step] = h.counts.clone()
+            rec.end_epoch(train_loss=1.0)
+    store = ia.telemetry.store.RunStore(tmp_path / "s.sqlite", readonly=True)
+    df = store.histograms("h")
+    assert sorted(set(df["step"])) == [4, 8] == sorted(expected)
+    assert set(df["layer"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for row in df.itertuples():
+        kind = H.HISTOGRAM_NAMES.index(row.kind)
+        np.testing.assert_array_equal(row.counts, expected[row.step][row.layer_index, kind].numpy())
+    assert set(df[df["step"] == 8]["epoch"]) == {1}
+    csv = to_csv(store, tmp_path / "csv")
+    wide = __import__("pandas").read_csv(csv["histograms"])
+    assert len(wide) == len(df) and wide[[f"bin_{b}" for b in range(258)]].to_numpy().sum() == sum(
+        int(c.sum()) for c in df["counts"])
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = to_tensorboard(store, tmp_path / "tb")
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0}).Reload()
+    assert "histograms/eff_lr_log2" in events.Tags()["histograms"]
+    assert [e.step for e in events.Histograms("histograms/0.weight/grad_abs_log2")] == [4, 8]
+    store.close()
