@@ -338,3 +338,27 @@ def test_recorder_store_and_exports(tmp_path):
     assert "histograms/eff_lr_log2" in events.Tags()["histograms"]
     assert [e.step for e in events.Histograms("histograms/0.weight/grad_abs_log2")] == [4, 8]
     store.close()
+
+
+def test_report_quantiles_come_from_the_histograms():
+    """The report's effective-step-size median per epoch is the histogram's, at the epoch's last
+    histogram step, summed over tensors."""
+    import pandas as pd
+
+    from instrumented_adam.analysis import interactive
+    from instrumented_adam.analysis.relations import RunData
+
+    a, b = np.zeros(258, dtype=np.int64), np.zeros(258, dtype=np.int64)
+    a[128 - 10] = 30  # 2^-10 <= x < 2^-9
+    b[128 - 3] = 10
+    rows = [(1, 5, 0, 0, "w", "eff_lr", a), (1, 5, 0, 1, "b", "eff_lr", b), (1, 9, 1, 0, "w", "eff_lr", b),
+            (1, 9, 1, 1, "b", "eff_lr", b)]
+    h = pd.DataFrame(rows, columns=["run_id", "step", "epoch", "layer_index", "layer", "kind", "counts"])
+    run = RunData(1, "r", {}, pd.DataFrame({"epoch": [0, 1]}), pd.DataFrame(), pd.DataFrame(), {}, h)
+    q = interactive.epoch_quantiles(run, "eff_lr", (0.5,))
+    assert list(q["epoch"]) == [0, 1]
+    assert 2.0**-10 <= q.iloc[0, 1] < 2.0**-9  # 30 of 40 elements in the lower bin
+    assert 2.0**-3 <= q.iloc[1, 1] < 2.0**-2
+    figure = interactive.figure_distributions([run])
+    assert figure["data"] and figure["layout"]["yaxis"]["type"] == "log"
+    assert interactive.figure_histograms(run)["data"]

@@ -20,9 +20,9 @@ TensorBoard tags follow what users already see from PyTorch Lightning and their 
                                           out of the histogram and logged as histograms/<kind>_zeros
                                           and histograms/<kind>_nonfinite counts
 
-CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics, histograms),
-the frames of `RunStore`'s loaders; in histograms the counts are one column per bin (`bin_<b>`,
-core/histogram.py numbers them).
+CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics, and
+histograms when the exported runs have any), the frames of `RunStore`'s loaders; in histograms the
+counts are one column per bin (`bin_<b>`, core/histogram.py numbers them).
 
 Nothing is written outside the output directory: a run's directory name is made from its id and
 its name with every character other than letters, digits, '.', '_' and '-' replaced (a run named
@@ -249,15 +249,18 @@ def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
     runs = runs.copy()
     for col in ("hyperparameters", "optimizer_config", "hyperparameter_columns"):  # nested values: JSON text in flat files
         runs[col] = runs[col].map(lambda v: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
-    return {
+    frames = {
         "runs": runs,
         "steps": store.steps(run),
         "step_groups": store.step_groups(run),
         "epochs": store.epochs(run),
         "layers": store.layers(run),
         "metrics": store.metrics(run),
-        "histograms": _wide_histograms(store.histograms(run)),
     }
+    histograms = store.histograms(run)
+    if len(histograms):  # only runs recorded with histogram_every have them
+        frames["histograms"] = _wide_histograms(histograms)
+    return frames
 
 
 def _wide_histograms(df: pd.DataFrame) -> pd.DataFrame:
