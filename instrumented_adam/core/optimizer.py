@@ -310,7 +310,7 @@ class _Instrumented:
         layout = self._ia.layout
         if layout is not None and layout.num_params == num_params and layout.device == device:
             if (layout.stats is not None or not self.statistics) and (
-                layout.histograms is not None or not self.histogram_every
+                layout.histograms is not None or not getattr(self, "histogram_every", 0)
             ):
                 return layout
         devices = {p.device for g in self.param_groups for p in g["params"]}
@@ -328,7 +328,7 @@ class _Instrumented:
         groups = _host_list_to([i for i, n in enumerate(num_params) for _ in range(n)], torch.long, device)
         stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
         histograms = None
-        if self.statistics and self.histogram_every:
+        if self.statistics and getattr(self, "histogram_every", 0):  # an older pickle has no attribute
             histograms = torch.zeros(start, HISTOGRAM_KINDS, HISTOGRAM_BINS, dtype=torch.int64, device=device)
         layout = self._ia.layout = _Layout(num_params, device, offsets, numel, groups, stats, histograms)
         self._ia.plans = {}
