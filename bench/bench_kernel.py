@@ -3,7 +3,8 @@
     python bench/bench_kernel.py --threads 1 --numel 1e5 --repeats 400    # in cache: arithmetic
     python bench/bench_kernel.py --threads 2 --numel 32e6 --repeats 15    # out of cache: memory
 
-No optimizer, no Python step logic, one fp32 tensor: what remains is the kernel and the fixed cost
+`hist` is a statistics step that also takes the histograms (histogram_every's steps); its ratio to
+`stats` is printed too. No optimizer, no Python step logic, one fp32 tensor: what remains is the kernel and the fixed cost
 of one op call. Interleaved rounds; prints the minimum (the least disturbed run, best for
 comparing kernel versions on a busy machine) and the median, both in ms, the ratio of the
 minima to torch's fused kernel and the effective GB/s (28 B/element).
@@ -21,6 +22,7 @@ import torch
 
 import instrumented_adam  # noqa: F401  (loads the op library)
 from instrumented_adam import NUM_STATS
+from instrumented_adam.core.histogram import HISTOGRAM_BINS, HISTOGRAM_KINDS
 
 BYTES_PER_ELEMENT = 28
 
@@ -41,19 +43,22 @@ def main() -> None:
     grads = [torch.randn(n)]
     prev = [torch.randn(n) * 1e-3]
     stats = torch.zeros(1, NUM_STATS, dtype=torch.float64)
+    histograms = torch.zeros(1, HISTOGRAM_KINDS, HISTOGRAM_BINS, dtype=torch.int64)
     kw = dict(algorithm=0, lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
               amsgrad=False, maximize=False, grad_scale=None, found_inf=None, stat_rows=[])
 
-    def ours(with_stats: bool, with_prev: bool):
+    def ours(with_stats: bool, with_prev: bool, with_hist: bool = False):
         p, m, v, s = fresh()
-        return lambda: op(p, grads, m, v, [], prev if with_prev else [], s, stats=stats if with_stats else None, **kw)
+        return lambda: op(p, grads, m, v, [], prev if with_prev else [], s, stats=stats if with_stats else None,
+                          histograms=histograms if with_hist else None, **kw)
 
     def torch_fused():
         p, m, v, s = fresh()
         return lambda: torch._fused_adam_(p, grads, m, v, [], s, amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.999,
                                           weight_decay=0.0, eps=1e-8, maximize=False)
 
-    fns = {"torch": torch_fused(), "off": ours(False, False), "stats": ours(True, False), "prev": ours(True, True)}
+    fns = {"torch": torch_fused(), "off": ours(False, False), "stats": ours(True, False), "prev": ours(True, True),
+           "hist": ours(True, False, True)}
     for f in fns.values():
         for _ in range(3):
             f()
@@ -70,6 +75,8 @@ def main() -> None:
     for k, ts in times.items():
         print(f"  {k:6s} min {min(ts) * 1e3:8.3f} ms  median {statistics.median(ts) * 1e3:8.3f} ms  "
               f"x{min(ts) / base:.3f}  {BYTES_PER_ELEMENT * n / min(ts) / 1e9:5.1f} GB/s")
+    print(f"  hist / stats: min x{min(times['hist']) / min(times['stats']):.3f}  "
+          f"median x{statistics.median(times['hist']) / statistics.median(times['stats']):.3f}")
 
 
 if __name__ == "__main__":

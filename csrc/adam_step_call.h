@@ -27,6 +27,7 @@ struct AdamStepCall {
   const std::optional<at::Tensor>& found_inf;
   const std::optional<at::Tensor>& stats;
   at::IntArrayRef stat_rows;
+  const std::optional<at::Tensor>& histograms;  // [rows, kNumHistograms, kHistBins] int64 (histogram.h)
 
   int64_t size() const { return static_cast<int64_t>(params.size()); }
 
@@ -63,13 +64,13 @@ void adam_step_entry(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
                      double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
-                     at::IntArrayRef stat_rows) {
+                     at::IntArrayRef stat_rows, const std::optional<at::Tensor>& histograms) {
   check_list_lengths(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
                      stat_rows, algorithm, amsgrad);
   const auto algo = static_cast<Algorithm>(algorithm);
   Run(AdamStepCall{params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps, algo,
                    lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad && algo != Algorithm::kAdamax, maximize,
-                   grad_scale, found_inf, stats, stat_rows});
+                   grad_scale, found_inf, stats, stat_rows, histograms});
 }
 
 }  // namespace instrumented_adam

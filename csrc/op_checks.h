@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "histogram.h"
 #include "stats_table.h"
 
 namespace instrumented_adam {
@@ -92,6 +93,18 @@ inline int64_t check_stats_buffer(const at::Tensor& s, const at::Device& device,
     used[static_cast<size_t>(row)] = true;
   }
   return rows;
+}
+
+// The histograms buffer of a step (histogram.h): one [kNumHistograms, kHistBins] int64 block per
+// row of the statistics buffer, which it needs (histograms are taken on statistics steps).
+inline void check_histogram_buffer(const at::Tensor& h, const std::optional<at::Tensor>& stats,
+                                   const at::Device& device) {
+  TORCH_CHECK(stats.has_value(), "instrumented_adam: histograms need stats (they are taken on statistics steps)");
+  TORCH_CHECK(h.device() == device && h.scalar_type() == at::kLong && h.dim() == 3 && h.size(0) == stats->size(0) &&
+                  h.size(1) == kNumHistograms && h.size(2) == kHistBins && h.is_contiguous(),
+              "instrumented_adam: histograms must be a contiguous int64 tensor of shape [", stats->size(0), ", ",
+              kNumHistograms, ", ", kHistBins, "] on ", device, ", got ", h.scalar_type(), " ", h.sizes(), " on ",
+              h.device());
 }
 
 }  // namespace instrumented_adam

@@ -13,12 +13,14 @@ TORCH_LIBRARY(instrumented_adam, m) {
   //   grad_scale / found_inf: GradScaler's tensors; grads are unscaled in place
   //   stats: [rows, num_stats] float64, zeroed and filled; stat_rows maps parameter i to a row
   //          (empty: row i). Rows of parameters not in this call stay zero.
+  //   histograms: [rows, 3, 258] int64 (csrc/histogram.h: |g|, |Δθ|, effective step size, log2
+  //          bins), zeroed and filled with the same rows as stats; needs stats. None: no histograms.
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] second_moments, Tensor(e!)[] max_second_moments, Tensor[] prev_epoch_steps, "
       "Tensor(f!)[] state_steps, *, int algorithm, float lr, Tensor? lr_tensor, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor(g!)? stats, int[] stat_rows) -> ()");
+      "Tensor(g!)? stats, int[] stat_rows, Tensor(h!)? histograms=None) -> ()");
 
   // The epoch boundary, per tensor i, in float64: s = θ − start; out[i] = (‖s‖², ⟨s, prev⟩, ‖prev‖²,
   // ‖θ − initial‖², ‖s as stored‖²) with ⟨s, prev⟩ = ‖prev‖² = 0 unless has_prev; then prev ← s

@@ -4,6 +4,7 @@
 // No pybind11 needed.
 #include <Python.h>
 
+#include "histogram.h"
 #include "stats_table.h"
 
 namespace {
@@ -55,5 +56,17 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (PyModule_AddObject(module, "STAT_TABLE", stats) < 0) return nullptr;
   if (PyModule_AddObject(module, "EPOCH_STAT_TABLE", epoch) < 0) return nullptr;
   if (PyModule_AddObject(module, "FAMILIES", families) < 0) return nullptr;
+  // The step histograms (histogram.h): ((name, definition), ...) and the bin layout.
+  PyObject* histograms = PyTuple_New(instrumented_adam::kNumHistograms);
+  if (histograms == nullptr) return nullptr;
+  for (int k = 0; k < instrumented_adam::kNumHistograms; ++k) {
+    PyObject* row = Py_BuildValue("(ss)", instrumented_adam::kHistogramTable[k].name,
+                                  instrumented_adam::kHistogramTable[k].definition);
+    if (row == nullptr) return nullptr;
+    PyTuple_SET_ITEM(histograms, k, row);
+  }
+  if (PyModule_AddObject(module, "HISTOGRAM_TABLE", histograms) < 0) return nullptr;
+  if (PyModule_AddIntConstant(module, "HISTOGRAM_BINS", instrumented_adam::kHistBins) < 0) return nullptr;
+  if (PyModule_AddIntConstant(module, "HISTOGRAM_MIN_EXPONENT", instrumented_adam::kHistMinExponent) < 0) return nullptr;
   return module;
 }

@@ -32,7 +32,8 @@ def store(tmp_path_factory) -> Path:
     try:
         train_task("linreg", TrainConfig(epochs=12), path, run_name="lin-adam")
         train_task("linreg", TrainConfig(optimizer="adamw", epochs=12), path, run_name="lin-adamw")
-        train_task("digits", TrainConfig(epochs=7), path, run_name="mlp")
+        # With the kernel histograms: the report's distribution and histogram views render too.
+        train_task("digits", TrainConfig(epochs=7, histogram_every=5), path, run_name="mlp")
     finally:
         torch.set_num_threads(threads)
     return path
@@ -44,6 +45,13 @@ def report(store, tmp_path_factory) -> Path:
 
 
 PLOT = re.compile(r'<div class="plot" id="(plot-\d+)" aria-label="([^"]*)">')
+
+
+def test_report_shows_the_kernel_histograms(report):
+    text = report.read_text()
+    assert "Distributions over training (kernel histograms, all tensors)" in text
+    assert "histograms of the effective step size of 3:mlp" in text
+    assert "median, dashed 16th/84th percentile (kernel histograms)" in text
 
 
 def test_report_is_self_contained(report):
@@ -76,7 +84,10 @@ def test_report_contents(report):
     assert alts.count("learning rate and weight decay") == 2 and alts.count("moment norms and effective lr") == 2
     for run in ("1:lin-adam", "2:lin-adamw", "3:mlp"):
         assert f"per-layer step norms of {run}" in alts
-    assert len(alts) == 2 * 6 + 2 + 3
+    # The digits run has kernel histograms: its group's distributions figure and its histogram view.
+    assert alts.count("distributions of the effective step size, update and gradient over training") == 1
+    assert "histograms of the effective step size of 3:mlp" in alts
+    assert len(alts) == 2 * 6 + 2 + 3 + 2
     # 12 epochs give 11 loss changes: fewer than the 12 pairs a relation test needs; the 7-epoch run too.
     assert page.count("Too few epochs with a logged loss to test relations") == 3
     assert "linreg: 2-parameter linear regression" in page and "digits: MLP 75-50-25" in page

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../adam_step_call.h"
@@ -21,6 +22,7 @@ namespace {
 // Elements per work item: large enough to amortise the per-item cost, small enough to balance
 // two to a few dozen threads. A multiple of 64 so only a tensor's last item has a SIMD tail.
 constexpr int64_t kChunk = 32768;
+static_assert(kChunk <= kMaxHistogramItem, "a work item's histogram counts are 16-bit (histogram.h)");
 // Below this many elements in a call, one thread does all the work (a parallel region costs more).
 constexpr int64_t kParallelGrain = 65536;
 
@@ -88,6 +90,11 @@ void adam_step_cpu(const AdamStepCall& call) {
     stats_rows_total = check_stats_buffer(*call.stats, device, n, call.stat_rows);
     stats_data = call.stats->data_ptr<double>();
   }
+  int64_t* hist_data = nullptr;
+  if (call.histograms.has_value()) {
+    check_histogram_buffer(*call.histograms, call.stats, device);
+    hist_data = call.histograms->data_ptr<int64_t>();
+  }
 
   // AMP (GradScaler): the kernel divides each gradient by grad_scale and stores it back.
   const float* grad_scale_ptr = nullptr;
@@ -122,6 +129,8 @@ void adam_step_cpu(const AdamStepCall& call) {
   // AMP: a step with inf/NaN gradients is skipped whole (its step counters do not advance and its
   // statistics stay zero), exactly as torch's fused optimizers do with GradScaler.
   if (stats_data) std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
+  constexpr int64_t kHistRow = kNumHistograms * kHistBins;
+  if (hist_data) std::memset(hist_data, 0, sizeof(int64_t) * stats_rows_total * kHistRow);
   if (skip_step) return;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& step_t = call.state_steps[i];
@@ -146,6 +155,9 @@ void adam_step_cpu(const AdamStepCall& call) {
   KernelArgs args{algo,           stats_data != nullptr, !call.prev_epoch_steps.empty(),
                   grad_scale_ptr, tensors.data(),        items.data(),
                   item_stats.data()};
+  // Per-item histogram counts, each written whole by its item (no zeroing needed).
+  std::unique_ptr<int64_t[]> item_hist(hist_data ? new int64_t[num_items * kHistRow] : nullptr);
+  args.item_hist = item_hist.get();
   const auto process_items = select_isa();
   // Threads get equal element ranges; each processes the items that start in its range, so
   // many small tensors share one parallel region and the partials do not depend on thread count.
@@ -164,6 +176,14 @@ void adam_step_cpu(const AdamStepCall& call) {
         // A tensor's first item starts its row; later ones combine as the table says.
         row[s] = items[k].begin == 0 ? partial[s] : combine_partials(s, row[s], partial[s]);
       }
+    }
+  }
+  if (hist_data) {  // integer counts: the sum does not depend on the order
+    for (int64_t k = 0; k < num_items; ++k) {
+      const int64_t tensor = items[k].tensor;
+      int64_t* row = hist_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kHistRow;
+      const int64_t* partial = item_hist.get() + k * kHistRow;
+      for (int64_t b = 0; b < kHistRow; ++b) row[b] += partial[b];
     }
   }
 }

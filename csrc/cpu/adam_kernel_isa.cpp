@@ -35,6 +35,7 @@ inline at::vec::Vectorized<T> ia_nonfinite(const at::vec::Vectorized<T>& x) {
 }  // namespace instrumented_adam
 
 #include "kernel_args.h"
+#include "../histogram.h"
 #include "../stats_accumulate.h"
 
 namespace instrumented_adam::cpu {
@@ -315,8 +316,12 @@ struct SimdStats {
 // written) and prefetcht1/t2 were 2–5% slower.
 constexpr int64_t kPrefetchBytes = 2048;
 
-template <class scalar_t, class Rule, bool kStats, bool kPrevDot>
-void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, int64_t end, double* out) {
+// kHist (only with kStats): also the step's histograms (histogram.h) into hist_out; a template flag,
+// so the loop of a step without histograms is compiled exactly as before.
+template <class scalar_t, class Rule, bool kStats, bool kPrevDot, bool kHist = false>
+void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, int64_t end, double* out,
+                   int64_t* hist_out = nullptr) {
+  static_assert(kStats || !kHist, "histograms are taken on statistics steps");
   using IO = Io<scalar_t>;
   using V = typename IO::V;
   using O = typename V::value_type;
@@ -341,6 +346,8 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
 
   typename SimdStats<V>::Block kept_block;
   SimdStats<V> stats(kept_block);
+  struct NoHistograms {};
+  std::conditional_t<kHist, SimdHistograms<V>, NoHistograms> histograms;
   const V infinity(std::numeric_limits<O>::infinity());
 
   // One SIMD step of n elements at i; kTail: n < IO::kStep (only the last step of a range), so
@@ -450,6 +457,12 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
         }
         contribute<kPrevDot>(stats, Observed<V>{g[j], m[j], moment[j], denom[j], delta, p[j], prev[j]});
         stats.next_vector();
+        if constexpr (kHist) {
+          const int valid = kTail ? static_cast<int>(std::clamp<int64_t>(n - j * V::size(), 0, V::size())) : V::size();
+          histograms.add(k_hist_grad_abs, g[j], valid);
+          histograms.add(k_hist_update_abs, delta, valid);
+          histograms.add(k_hist_eff_lr, V(Rule::step_numerator(c)) / denom[j], valid);
+        }
       }
     }
   };
@@ -471,12 +484,20 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   if (full_end < end) one_step(std::true_type{}, full_end, end - full_end);
 
   if constexpr (kStats) stats.finish(Rule::step_numerator(c), out);
+  if constexpr (kHist) histograms.finish(hist_out);
 }
 
 template <class scalar_t, class Rule>
-void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out) {
+void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out,
+                    int64_t* hist_out) {
   if (!args.stats) {
     process_range<scalar_t, Rule, false, false>(args, t, item.begin, item.end, out);
+  } else if (hist_out != nullptr) {
+    if (args.prev_dot && t.prev_step != nullptr) {
+      process_range<scalar_t, Rule, true, true, true>(args, t, item.begin, item.end, out, hist_out);
+    } else {
+      process_range<scalar_t, Rule, true, false, true>(args, t, item.begin, item.end, out, hist_out);
+    }
   } else if (args.prev_dot && t.prev_step != nullptr) {
     process_range<scalar_t, Rule, true, true>(args, t, item.begin, item.end, out);
   } else {
@@ -485,13 +506,13 @@ void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem&
 }
 
 template <class Rule>
-void dispatch_dtype(const KernelArgs& args, const WorkItem& item, double* out) {
+void dispatch_dtype(const KernelArgs& args, const WorkItem& item, double* out, int64_t* hist_out) {
   const TensorArgs& t = args.tensors[item.tensor];
   switch (t.dtype) {
-    case DType::kFloat: return dispatch_flags<float, Rule>(args, t, item, out);
-    case DType::kDouble: return dispatch_flags<double, Rule>(args, t, item, out);
-    case DType::kBFloat16: return dispatch_flags<c10::BFloat16, Rule>(args, t, item, out);
-    case DType::kHalf: return dispatch_flags<c10::Half, Rule>(args, t, item, out);
+    case DType::kFloat: return dispatch_flags<float, Rule>(args, t, item, out, hist_out);
+    case DType::kDouble: return dispatch_flags<double, Rule>(args, t, item, out, hist_out);
+    case DType::kBFloat16: return dispatch_flags<c10::BFloat16, Rule>(args, t, item, out, hist_out);
+    case DType::kHalf: return dispatch_flags<c10::Half, Rule>(args, t, item, out, hist_out);
   }
 }
 
@@ -500,10 +521,11 @@ void dispatch_dtype(const KernelArgs& args, const WorkItem& item, double* out) {
 void process_items(const KernelArgs& args, int64_t first, int64_t last) {
   for (int64_t k = first; k < last; ++k) {
     double* out = args.stats ? args.item_stats + k * kNumStats : nullptr;
+    int64_t* hist_out = args.item_hist ? args.item_hist + k * kNumHistograms * kHistBins : nullptr;
     switch (args.algorithm) {
-      case Algorithm::kAdam: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out); break;
-      case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdamW>>(args, args.items[k], out); break;
-      case Algorithm::kAdamax: dispatch_dtype<AdamRule<Algorithm::kAdamax>>(args, args.items[k], out); break;
+      case Algorithm::kAdam: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out, hist_out); break;
+      case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdamW>>(args, args.items[k], out, hist_out); break;
+      case Algorithm::kAdamax: dispatch_dtype<AdamRule<Algorithm::kAdamax>>(args, args.items[k], out, hist_out); break;
     }
   }
 }

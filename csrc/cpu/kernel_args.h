@@ -32,6 +32,8 @@ struct KernelArgs {
   const TensorArgs* tensors;
   const WorkItem* items;
   double* item_stats;  // [num_items][kNumStats] when stats
+  // [num_items][kNumHistograms][kHistBins] when this step takes histograms (histogram.h), else null
+  int64_t* item_hist = nullptr;
 };
 
 // Processes items [first, last). One definition per instruction set; the glue picks one at run

@@ -66,6 +66,10 @@ void adam_step_cuda(const AdamStepCall& call) {
     args.stats = s.data_ptr<double>();
     args.stats_rows_cover_all = args.stats_rows == n;
   }
+  if (call.histograms.has_value()) {
+    check_histogram_buffer(*call.histograms, call.stats, device);
+    args.histograms = call.histograms->data_ptr<int64_t>();
+  }
 
   // AMP (GradScaler): both read on the device; a found_inf step changes nothing but the statistics
   // (zeros), exactly as torch's fused optimizers skip it.

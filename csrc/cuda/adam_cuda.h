@@ -55,6 +55,7 @@ struct CallArgs {
   int64_t stats_rows;
   bool stats_rows_cover_all;  // every row is written by this call: no zero-fill needed
   double* partials;           // scratch [num_partials(tensors)][kNumStats] when stats, else null
+  int64_t* histograms;        // [stats_rows][kNumHistograms][kHistBins] (histogram.h) on histogram steps, else null
 };
 
 // Rows of the partials scratch buffer the glue must allocate (one per chunk of every tensor).

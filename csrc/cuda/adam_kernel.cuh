@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "../histogram.h"
 #include "../stats_accumulate.h"
 #include "adam_cuda.h"
 
@@ -72,6 +73,7 @@ struct LaunchTensor {
   const float* step;
   int64_t numel;
   int64_t first_chunk;  // the tensor's chunk that its first block in this launch updates
+  int64_t hist_row;     // the tensor's row of the histograms buffer (its statistics row)
 };
 
 struct UpdateLaunch {
@@ -88,6 +90,7 @@ struct KernelScalars {
   const float* grad_scale;
   const float* found_inf;
   double* partials;
+  unsigned long long* histograms;  // [rows][kNumHistograms][kHistBins] counts on histogram steps, else null
   bool maximize;
 };
 
@@ -187,7 +190,7 @@ struct AdamFamilyRule {
 
 // One element: unscale (and store back) the gradient, update, store, accumulate the statistics.
 // The values live in the caller's registers (a vector's lanes) in the storage type.
-template <class T, class R, bool kStats, bool kPrev>
+template <class T, class R, bool kStats, bool kPrev, bool kHist = false>
 struct ElementStep {
   using O = typename Traits<T>::O;
   static constexpr int kStates = R::kNumStates;
@@ -205,8 +208,9 @@ struct ElementStep {
   }
 
   // state_s: the rule's state values in the storage type, slots 0 .. kStates-1 (the rest unused).
+  // hist: the block's shared [kNumHistograms][kHistBins] counts (kHist only).
   __device__ __forceinline__ void operator()(T& p_s, T& g_s, T (&state_s)[kMaxStates], const T& prev_s,
-                                             O* acc) const {
+                                             O* acc, unsigned int* hist = nullptr) const {
     O g = Traits<T>::load(g_s);
     if (unscale) {
       g = torch_cuda::rn_div(g, scale);
@@ -228,6 +232,12 @@ struct ElementStep {
       const O first_moment = kFirstMoment >= 0 ? state[kFirstMoment < 0 ? 0 : kFirstMoment] : O(0);
       DirectAccumulator<O> stats{acc, rule.step_size()};
       contribute<kPrev>(stats, Observed<O>{g, first_moment, moment, denom, p_new - p_old, p_new, prev});
+      if constexpr (kHist) {
+        // Integer counts: the totals do not depend on the order of the atomics (deterministic).
+        atomicAdd(hist + k_hist_grad_abs * kHistBins + histogram_bin(g), 1u);
+        atomicAdd(hist + k_hist_update_abs * kHistBins + histogram_bin(p_new - p_old), 1u);
+        atomicAdd(hist + k_hist_eff_lr * kHistBins + histogram_bin(rule.step_size() / denom), 1u);
+      }
     }
   }
 };
@@ -262,14 +272,16 @@ __device__ __forceinline__ void block_reduce(double (&x)[kNumStats]) {
   }
 }
 
-enum class Stats : int { kOff, kOn, kOnPrev };
+// kOnHist / kOnPrevHist: statistics steps that also take the histograms (histogram.h).
+enum class Stats : int { kOff, kOn, kOnPrev, kOnHist, kOnPrevHist };
 
 template <class T, class R, Stats stats>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const __grid_constant__ UpdateLaunch launch, const __grid_constant__ KernelScalars s) {
   using O = typename Traits<T>::O;
   constexpr bool kStats = stats != Stats::kOff;
-  constexpr bool kPrev = stats == Stats::kOnPrev;
+  constexpr bool kPrev = stats == Stats::kOnPrev || stats == Stats::kOnPrevHist;
+  constexpr bool kHist = stats == Stats::kOnHist || stats == Stats::kOnPrevHist;
   constexpr int kStates = R::kNumStates;  // state arrays kFirstState .. kFirstState + kStates - 1
   constexpr int kVec = 16 / sizeof(T);
   struct alignas(16) Pack {
@@ -301,7 +313,13 @@ __global__ void __launch_bounds__(kThreads)
   // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
   const float step = *t.step + 1.0f;
   const double lr = read_lr(s);
-  const ElementStep<T, R, kStats, kPrev> element(s, lr, step);
+  const ElementStep<T, R, kStats, kPrev, kHist> element(s, lr, step);
+  // The block's histograms in shared memory (3 KB), added to the tensor's row at the end.
+  __shared__ unsigned int hist[kHist ? kNumHistograms * kHistBins : 1];
+  if constexpr (kHist) {
+    for (int i = threadIdx.x; i < kNumHistograms * kHistBins; i += kThreads) hist[i] = 0;
+    __syncthreads();
+  }
 
   O acc[kNumStats];
 #pragma unroll
@@ -326,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
         T st_j[kMaxStates];
 #pragma unroll
         for (int s_ = 0; s_ < kStates; ++s_) st_j[s_] = st[s_].v[j];
-        element(p.v[j], g.v[j], st_j, q.v[j], acc);
+        element(p.v[j], g.v[j], st_j, q.v[j], acc, hist);
 #pragma unroll
         for (int s_ = 0; s_ < kStates; ++s_) st[s_].v[j] = st_j[s_];
       }
@@ -343,7 +361,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int s_ = 0; s_ < kStates; ++s_) st[s_] = state[s_][i];
     if constexpr (kPrev) q = prev[i];
-    element(p, g, st, q, acc);
+    element(p, g, st, q, acc, hist);
     param[i] = p;
 #pragma unroll
     for (int s_ = 0; s_ < kStates; ++s_) state[s_][i] = st[s_];
@@ -361,6 +379,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < kNumStats; ++k) out[k] = x[k];
     }
   }
+  if constexpr (kHist) {
+    __syncthreads();
+    unsigned long long* row = s.histograms + t.hist_row * (kNumHistograms * kHistBins);
+    for (int i = threadIdx.x; i < kNumHistograms * kHistBins; i += kThreads) {
+      if (hist[i] != 0) atomicAdd(row + i, static_cast<unsigned long long>(hist[i]));
+    }
+  }
 }
 
 // ---- host side: one update launch ----
@@ -373,6 +398,10 @@ void launch_update_typed(Stats mode, const UpdateLaunch& launch, int64_t blocks,
     case Stats::kOn: update_kernel<T, R, Stats::kOn><<<grid, kThreads, 0, stream>>>(launch, s); break;
     case Stats::kOnPrev:
       update_kernel<T, R, Stats::kOnPrev><<<grid, kThreads, 0, stream>>>(launch, s);
+      break;
+    case Stats::kOnHist: update_kernel<T, R, Stats::kOnHist><<<grid, kThreads, 0, stream>>>(launch, s); break;
+    case Stats::kOnPrevHist:
+      update_kernel<T, R, Stats::kOnPrevHist><<<grid, kThreads, 0, stream>>>(launch, s);
       break;
   }
 }

@@ -65,7 +65,10 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
                               cudaStream_t stream) {
   const bool stats = a.stats != nullptr;
   const bool amsgrad = a.amsgrad && a.algorithm != Algorithm::kAdamax;
-  const Stats mode = !stats ? Stats::kOff : (a.prev_dot ? Stats::kOnPrev : Stats::kOn);
+  const bool hist = stats && a.histograms != nullptr;
+  const Stats mode = !stats ? Stats::kOff
+                     : hist ? (a.prev_dot ? Stats::kOnPrevHist : Stats::kOnHist)
+                            : (a.prev_dot ? Stats::kOnPrev : Stats::kOn);
   const int max_tensors = limits.max_tensors > 0 ? std::min(limits.max_tensors, kMaxTensorsPerLaunch)
                                                  : kMaxTensorsPerLaunch;
   const int64_t max_blocks = limits.max_blocks > 0 ? std::min<int64_t>(limits.max_blocks, INT32_MAX)
@@ -75,6 +78,15 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
     // Rows of parameters that are not in this call stay zero (the buffer is "zeroed and filled").
     const cudaError_t err =
         cudaMemsetAsync(a.stats, 0, static_cast<size_t>(a.stats_rows) * kNumStats * sizeof(double), stream);
+    if (err != cudaSuccess) return err;
+  }
+
+  if (hist && a.stats_rows > 0) {
+    // The update blocks add their counts to the rows (histogram.h): start from zero, every row
+    // (rows of parameters not in this call stay zero, as for the statistics). A found_inf step
+    // then leaves them zero, since its blocks return before counting.
+    const cudaError_t err = cudaMemsetAsync(
+        a.histograms, 0, static_cast<size_t>(a.stats_rows) * kNumHistograms * kHistBins * sizeof(int64_t), stream);
     if (err != cudaSuccess) return err;
   }
 
@@ -89,6 +101,7 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
   scalars.grad_scale = a.grad_scale;
   scalars.found_inf = a.found_inf;
   scalars.partials = a.partials;
+  scalars.histograms = hist ? reinterpret_cast<unsigned long long*>(a.histograms) : nullptr;
   scalars.maximize = a.maximize;
 
   // Update launches, one dtype at a time (the kernel is templated on it), tensors in call order.
@@ -130,6 +143,7 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
         t.step = h.step;
         t.numel = h.numel;
         t.first_chunk = chunk;
+        t.hist_row = h.stats_row;
         launch.block_begin[launch.num_tensors] = static_cast<int32_t>(blocks);
         ++launch.num_tensors;
         blocks += take;

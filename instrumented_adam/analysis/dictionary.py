@@ -37,6 +37,10 @@ TABLES: dict[str, str] = {
     "gaps": "Step/epoch ranges known to be missing from a run (e.g. lost to a crash before a flush).",
     "lr_decisions": "Decisions of learning-rate rules (core.lr_rules, written by `Recorder.add_lr_rule`): what "
                     "each rule saw and what it did to the lr. Per-step rules write one summary per epoch.",
+    "histograms": "The kernel's per-tensor log2 histograms of a step (optimizer option `histogram_every`): one row "
+                  "per step, tensor and kind, counted in the update's pass over memory. Bins: 0 is exactly 0; 1 is "
+                  "0 < |x| < 2^-126; b = 2..255 is 2^(b-128) <= |x| < 2^(b-127); 256 is |x| >= 2^128 (finite, fp64 "
+                  "only); 257 is NaN or ±inf (`instrumented_adam.core.histogram`).",
 }
 
 #: Columns that are not figures, by table ("*" for every table that has the column).
@@ -110,6 +114,14 @@ COLUMNS: dict[tuple[str, str], str] = {
     ("leases", "acquired_at"): "UTC time the lease was taken.",
     ("leases", "heartbeat"): "The holder's last sign of life.",
     ("leases", "expire_after"): "Seconds after the heartbeat after which the lease may be taken over.",
+    ("histograms", "layer_index"): "Position of the tensor in the optimizer's parameter order.",
+    ("histograms", "layer"): "The tensor's name (from the model when given, else param.index).",
+    ("histograms", "kind"): "grad_abs: |g| (after AMP unscaling, before maximize and weight decay); update_abs: |Δθ| "
+                            "as applied; eff_lr: the per-element effective step size lr/(bc1·(√(v/bc2)+ε)) "
+                            "(Adamax: lr/(bc1·u)).",
+    ("histograms", "first_bin"): "The bin of the first stored count (bins below it are empty).",
+    ("histograms", "counts"): "JSON list: element counts of bins first_bin, first_bin+1, ... up to the last non-empty "
+                              "bin (`RunStore.histograms` returns all 258 as an array).",
     ("gaps", "gap_id"): "The gap's id.",
     ("gaps", "from_step"): "First missing step.",
     ("gaps", "to_step"): "Last missing step.",

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core import histogram as hist
 from ..core.figures import label
 from .relations import RunData, layer_series
 
@@ -241,7 +242,10 @@ def figure_moments(runs: Sequence[RunData]) -> dict:
     for fam in families:
         what = "u (Adamax's infinity norm)" if fam == "adamax" else "v (Adam's second moment)"
         panels.append((f"second_moment_mean:{fam}", f"{what}, mean element"))
-    panels.append(("eff_lr_mean", "Effective lr lr/(bc1·(√v̂+ε)), mean element (dotted: largest)"))
+    with_hist = any(len(r.histograms) for r in runs)
+    panels.append(("eff_lr_mean", "Effective lr lr/(bc1·(√v̂+ε)): median, dashed 16th/84th percentile (kernel "
+                                  "histograms)" if with_hist else
+                   "Effective lr lr/(bc1·(√v̂+ε)), mean element (dotted: largest)"))
     columns = 2
     rows = math.ceil(len(panels) / columns)
     layout = _layout("Moments and effective learning rate", height=300 * rows + 40,
@@ -254,6 +258,15 @@ def figure_moments(runs: Sequence[RunData]) -> dict:
             if fam and _family(r) != fam:
                 continue
             col = f"{figure}_mean"
+            if figure == "eff_lr_mean" and len(r.histograms):
+                # The mean is dominated by elements whose v is ≈ 0 (lr/ε): the histogram's median is
+                # the step size a typical element takes (per epoch: its last histogram step).
+                q = epoch_quantiles(r, "eff_lr", (0.5, 0.1587, 0.8413))
+                for k, (dash, what) in enumerate((("solid", "median"), ("dash", "p16"), ("dash", "p84"))):
+                    data.append(_line(i, r, q["epoch"], q.iloc[:, k + 1], name=f"{r.label} eff_lr {what}", dash=dash,
+                                      axis=_axis(j), show_legend=j == 0 and k == 0 and not drawn.get(0)))
+                    drawn.setdefault(j, []).append(q.iloc[:, k + 1].to_numpy(float))
+                continue
             if col not in r.epochs:
                 continue
             data.append(_line(i, r, r.epochs["epoch"], r.epochs[col], name=f"{r.label} {col}", axis=_axis(j),
@@ -267,6 +280,118 @@ def figure_moments(runs: Sequence[RunData]) -> dict:
         s = _axis(j)
         layout[f"xaxis{s}"].update(title="epoch", **_INT_AXIS)
         layout[f"yaxis{s}"].update(type="log" if _positive(drawn.get(j, [])) else "linear", exponentformat="power")
+    return {"data": data, "layout": layout}
+
+
+# ---- the kernel's step histograms (histogram_every) --------------------------------------------
+#: Kinds in display order, with their axis labels.
+HISTOGRAM_KIND_LABELS = {"eff_lr": "effective step size lr/(bc1·(√v̂+ε))", "update_abs": "|Δθ|", "grad_abs": "|g|"}
+
+
+def step_histograms(run: RunData, kind: str) -> pd.DataFrame:
+    """One row per histogram step: step, epoch, and the counts summed over the run's tensors."""
+    h = run.histograms
+    if not len(h):
+        return pd.DataFrame({"step": [], "epoch": [], "counts": []})
+    h = h[h["kind"] == kind]
+    rows = [(int(step), int(g["epoch"].iloc[0]), np.sum(np.stack(list(g["counts"])), axis=0))
+            for step, g in h.groupby("step")]
+    return pd.DataFrame(rows, columns=["step", "epoch", "counts"])
+
+
+def step_quantiles(run: RunData, kind: str, qs: Sequence[float] = tuple(p / 100 for p in hist.TENSORBOARD_PERCENTILES)
+                   ) -> pd.DataFrame:
+    """Quantiles of |x| per histogram step (all tensors), from the histograms: step, epoch, q<..>."""
+    per_step = step_histograms(run, kind)
+    out = pd.DataFrame({"step": per_step["step"], "epoch": per_step["epoch"]})
+    values = hist.quantiles(np.stack(list(per_step["counts"])), qs) if len(per_step) else np.zeros((0, len(qs)))
+    for k, q in enumerate(qs):
+        out[f"q{q:g}"] = values[:, k]
+    return out
+
+
+def epoch_quantiles(run: RunData, kind: str, qs: Sequence[float]) -> pd.DataFrame:
+    """`step_quantiles` at each epoch's last histogram step: epoch, then one column per q."""
+    q = step_quantiles(run, kind, qs)
+    return q.sort_values("step").groupby("epoch", as_index=False).last().drop(columns=["step"])
+
+
+def figure_distributions(runs: Sequence[RunData]) -> dict:
+    """TensorBoard's distributions view from the kernel histograms: per step, the median and the
+    bands between its percentiles (0–100, 7–93, 16–84, 31–69 %), of every kind, all tensors."""
+    kinds = list(HISTOGRAM_KIND_LABELS)
+    layout = _layout("Distributions over training (kernel histograms, all tensors)", height=360,
+                     **_grid(len(kinds), [f"{HISTOGRAM_KIND_LABELS[k]}" for k in kinds]))
+    data = []
+    ps = hist.TENSORBOARD_PERCENTILES
+    for i, r in enumerate(runs):
+        if not len(r.histograms):
+            continue
+        for j, kind in enumerate(kinds):
+            q = step_quantiles(r, kind)
+            x = q["step"].to_numpy(float)
+            cols = [c for c in q.columns if c.startswith("q")]
+            for lo, hi, opacity in ((0, 8, 0.10), (1, 7, 0.15), (2, 6, 0.2), (3, 5, 0.25)):
+                band_x = np.concatenate([x, x[::-1]])
+                band_y = np.concatenate([q[cols[lo]].to_numpy(float), q[cols[hi]].to_numpy(float)[::-1]])
+                band_y = np.where(band_y > 0, band_y, np.nan)  # a log axis has no 0: a zero quantile is a gap
+                trace = {"type": "scatter", "mode": "lines", "x": _values(band_x), "y": _values(band_y),
+                         "fill": "toself", "fillcolor": run_color(i), "opacity": opacity, "line": {"width": 0},
+                         "legendgroup": text(r.label), "showlegend": False, "hoverinfo": "skip",
+                         "name": f"{ps[lo]:g}–{ps[hi]:g} %"}
+                if j:
+                    trace["xaxis"], trace["yaxis"] = "x" + _axis(j), "y" + _axis(j)
+                data.append(trace)
+            median = np.where(q[cols[4]].to_numpy(float) > 0, q[cols[4]].to_numpy(float), np.nan)
+            data.append(_line(i, r, x, median, name=f"{r.label} {kind} median", axis=_axis(j), show_legend=j == 0))
+    for j in range(len(kinds)):
+        s = _axis(j)
+        layout[f"xaxis{s}"].update(title="step", **_INT_AXIS)
+        layout[f"yaxis{s}"].update(type="log", exponentformat="power")
+    return {"data": data, "layout": layout}
+
+
+def figure_histograms(run: RunData, kind: str = "eff_lr", max_histograms: int = 30) -> dict:
+    """TensorBoard's histogram view: one histogram per step, offset by step, oldest at the back.
+
+    x is log2 |x| (the kernel's bins, one unit wide); each curve is the fraction of elements per
+    bin, scaled so the tallest bin of the run reaches three offsets. At most `max_histograms`
+    steps are drawn (evenly spaced, the last one included); zeros and NaN/inf are in the hover.
+    """
+    per_step = step_histograms(run, kind)
+    layout = _layout(f"{run.label}: histograms of the {HISTOGRAM_KIND_LABELS[kind]} over training", height=460,
+                     showlegend=False)
+    layout["xaxis"] = {"title": "log2 |x| (bin lower edge)", "zeroline": False}
+    layout["yaxis"] = {"title": "step", "showgrid": False}
+    if not len(per_step):
+        return {"data": [], "layout": layout}
+    picks = np.unique(np.linspace(0, len(per_step) - 1, min(max_histograms, len(per_step))).round().astype(int))
+    counts = np.stack(list(per_step["counts"]))[picks].astype(float)
+    steps = per_step["step"].to_numpy()[picks]
+    exp_bins = slice(hist.UNDERFLOW_BIN, hist.OVERFLOW_BIN + 1)
+    used = np.nonzero(counts[:, exp_bins].sum(axis=0))[0]
+    if not used.size:
+        return {"data": [], "layout": layout}
+    lo, hi = used[0] + hist.UNDERFLOW_BIN, used[-1] + hist.UNDERFLOW_BIN
+    x = np.arange(lo, hi + 1) - hist.FIRST_EXPONENT_BIN + hist.MIN_EXPONENT
+    totals = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    spacing = (steps[-1] - steps[0]) / max(len(steps) - 1, 1) if len(steps) > 1 else 1.0
+    scale = 3 * spacing / max(frac[:, lo : hi + 1].max(), 1e-12)
+    data = []
+    for k in range(len(steps) - 1, -1, -1):  # the oldest drawn last, so it is at the back
+        base = float(steps[k])
+        y = base + frac[k, lo : hi + 1] * scale
+        shade = 0.25 + 0.75 * k / max(len(steps) - 1, 1)
+        data.append({
+            "type": "scatter", "mode": "lines", "x": _values(np.concatenate([x, x[::-1]])),
+            "y": _values(np.concatenate([y, np.full_like(y, base)])), "fill": "toself",
+            "fillcolor": f"rgba(255,112,67,{0.15 + 0.5 * shade:.2f})", "line": {"color": "#bf360c", "width": 0.8},
+            "name": f"step {int(steps[k])}",
+            "hovertemplate": (f"step {int(steps[k])}<br>2^%{{x}}: %{{text}}<extra>zeros {int(counts[k, 0])}, "
+                              f"nan/inf {int(counts[k, hist.NONFINITE_BIN])}</extra>"),
+            "text": [f"{v:.3g}" for v in np.concatenate([frac[k, lo : hi + 1], np.zeros(hi - lo + 1)])],
+        })
     return {"data": data, "layout": layout}
 
 

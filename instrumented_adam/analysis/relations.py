@@ -120,6 +120,8 @@ class RunData:
     steps: pd.DataFrame
     layers: pd.DataFrame
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    #: The kernel's step histograms (`RunStore.histograms`; empty without histogram_every).
+    histograms: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def label(self) -> str:
@@ -142,7 +144,9 @@ def load_run(store: Any, run: int | str) -> RunData:
     hyper = hyper if isinstance(hyper, dict) else {}
     steps = _numeric(store.steps(run_id))
     epochs = derive_epoch_series(store.epochs(run_id), steps)
-    return RunData(run_id, str(info.get("name", run_id)), info, epochs, steps, _numeric(store.layers(run_id)), hyper)
+    histograms = store.histograms(run_id) if hasattr(store, "histograms") else pd.DataFrame()
+    return RunData(run_id, str(info.get("name", run_id)), info, epochs, steps, _numeric(store.layers(run_id)), hyper,
+                   histograms)
 
 
 def _numeric(df: pd.DataFrame, text: tuple[str, ...] = ("layer",)) -> pd.DataFrame:

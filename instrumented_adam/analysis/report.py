@@ -343,6 +343,18 @@ def _relations_html(r: RunData, settings: dict, top: int) -> str:
     return head + ranked_table(rank_tests(table, top=top))
 
 
+_HISTOGRAM_CAPTIONS = {
+    "distributions": "From the per-tensor log2 histograms the kernel counted on the steps the optimizer was asked for "
+                     "(histogram_every), summed over tensors: the median (line) and the bands between the 0/7/16/31 "
+                     "and 69/84/93/100th percentiles, as TensorBoard's distributions view draws them. Percentiles are "
+                     "interpolated inside a power-of-two bin, so each is within one bin (a factor of 2) of the exact "
+                     "one. The effective step size's median is what a typical element moves per unit of m; its mean "
+                     "is dominated by elements with v ≈ 0.",
+    "histograms": "The histogram of the effective step size at each histogram step (TensorBoard's histogram view, "
+                  "offset by step, newest in front); x is log2 of the value, one kernel bin per unit.",
+}
+
+
 def _is_clipped(runs: Sequence[RunData]) -> bool:
     """Whether a run's gradient norm sits at a constant ceiling (clipping) for much of training."""
     for r in runs:
@@ -375,6 +387,9 @@ def _group_section(name: str, runs: Sequence[RunData], settings: dict, top: int,
         (lambda: interactive.figure_step_figures(runs), _CAPTIONS["step_figures"], "update to parameter ratio and cosines"),
         (lambda: interactive.figure_predicted_vs_actual(runs), _CAPTIONS["predicted"], "predicted versus actual loss change"),
     ]
+    if any(len(r.histograms) for r in runs):  # the kernel's histograms (histogram_every)
+        specs.insert(4, (lambda: interactive.figure_distributions(runs), _HISTOGRAM_CAPTIONS["distributions"],
+                         "distributions of the effective step size, update and gradient over training"))
     for panel in interactive.metric_panels(runs):  # the task's own outcome, next to the loss
         specs.insert(1, (lambda panel=panel: interactive.figure_metric_panel(runs, panel),
                          "The task's own figures of merit at each epoch end, as the task recorded them.",
@@ -392,6 +407,9 @@ def _group_section(name: str, runs: Sequence[RunData], settings: dict, top: int,
         if len(r.layers):
             parts.append(figures.div(interactive.figure_layers(r, settings["layer_norm"]), _CAPTIONS["layers"],
                                      f"per-layer step norms of {r.label}"))
+        if len(r.histograms):
+            parts.append(figures.div(interactive.figure_histograms(r, "eff_lr"), _HISTOGRAM_CAPTIONS["histograms"],
+                                     f"histograms of the effective step size of {r.label}"))
         parts.append(_relations_html(r, settings, top))
         progress.update()
     if len(runs) > detail_runs:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .histogram import HISTOGRAM_BINS, HISTOGRAM_KINDS
 from .table import EPOCH_COLUMNS, NUM_STATS, STAT_INDEX, STAT_NAMES  # noqa: F401  (re-exported; loads the library)
 
 
@@ -49,7 +50,7 @@ def _check_companions(params: Sequence[Tensor], others: Sequence[Tensor], what: 
 def _adam_step_fake(
     params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps, *,
     algorithm, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf,
-    stats, stat_rows,
+    stats, stat_rows, histograms=None,
 ) -> None:
     n = len(params)
     torch._check(algorithm in (0, 1, 2), lambda: f"instrumented_adam: unknown algorithm {algorithm}")
@@ -83,6 +84,16 @@ def _adam_step_fake(
         )
         torch._check(len(stat_rows) > 0 or stats.shape[0] == n,
                      lambda: f"instrumented_adam: stats has {stats.shape[0]} rows for {n} parameters")
+    if histograms is not None:
+        torch._check(stats is not None,
+                     lambda: "instrumented_adam: histograms need stats (they are taken on statistics steps)")
+        torch._check(
+            histograms.dtype == torch.int64 and histograms.dim() == 3 and histograms.shape[0] == stats.shape[0]
+            and histograms.shape[1] == HISTOGRAM_KINDS and histograms.shape[2] == HISTOGRAM_BINS,
+            lambda: f"instrumented_adam: histograms must be a contiguous int64 tensor of shape "
+                    f"[{stats.shape[0]}, {HISTOGRAM_KINDS}, {HISTOGRAM_BINS}], got {histograms.dtype} "
+                    f"{tuple(histograms.shape)}",
+        )
     return None
 
 

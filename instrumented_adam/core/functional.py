@@ -100,6 +100,7 @@ def _fused(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     has_complex: bool,
+    histograms: Tensor | None = None,
 ) -> None:
     """One call of the compiled op (its C++ glue validates the tensors before mutating any)."""
     if torch.is_grad_enabled():
@@ -109,7 +110,7 @@ def _fused(
             return _fused(algorithm, params, grads, exp_avgs, second_moments, max_second_moments, state_steps,
                           prev_epoch_steps, stats, stat_rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                           weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale,
-                          found_inf=found_inf, has_complex=has_complex)
+                          found_inf=found_inf, has_complex=has_complex, histograms=histograms)
     if has_complex:
         params, grads, exp_avgs = _as_real(params), _as_real(grads), _as_real(exp_avgs)
         second_moments, max_second_moments = _as_real(second_moments), _as_real(max_second_moments)
@@ -137,6 +138,7 @@ def _fused(
         found_inf=found_inf,
         stats=stats,
         stat_rows=stat_rows if isinstance(stat_rows, list) else list(stat_rows),
+        histograms=histograms,
     )
 
 
@@ -195,6 +197,7 @@ def _differentiable(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     has_complex: bool,
+    histograms: Tensor | None = None,
 ) -> None:
     """torch's differentiable single-tensor step, then the statistics by the reference formulas.
 
@@ -211,6 +214,11 @@ def _differentiable(
         if len(max_second_moments) != len(params):
             raise RuntimeError("instrumented_adam: amsgrad needs one max_exp_avg_sq per parameter")
     _check_differentiable_inputs(params, lists, state_steps, lr, stats, stat_rows)
+    if histograms is not None:
+        if stats is None:
+            raise RuntimeError("instrumented_adam: histograms need stats (they are taken on statistics steps)")
+        with torch.no_grad():
+            histograms.zero_()
     if stats is not None:
         with torch.no_grad():
             stats.zero_()
@@ -255,6 +263,8 @@ def _differentiable(
             row = stat_rows[i] if stat_rows else i
             stats[row] = reference.statistics(before[i], real[0], real[1], real[2], real[3], eff_lr, prev).to(
                 stats.device)
+            if histograms is not None:
+                histograms[row] = reference.histograms(before[i], real[0], real[1], eff_lr).to(histograms.device)
 
 
 def adam(
@@ -280,6 +290,7 @@ def adam(
     found_inf: Tensor | None = None,
     has_complex: bool = False,
     differentiable: bool = False,
+    histograms: Tensor | None = None,
 ) -> None:
     """One Adam (or, with `decoupled_weight_decay=True`, AdamW) step over lists of tensors, measured.
 
@@ -303,13 +314,17 @@ def adam(
         has_complex: some tensors are complex; they are updated as `view_as_real` pairs.
         differentiable: step with torch's differentiable math so autograd can differentiate
             through it (see the module docstring for its cost).
+        histograms: a contiguous [rows, HISTOGRAM_KINDS, HISTOGRAM_BINS] int64 tensor beside `stats`
+            (which it needs), zeroed and filled with parameter i's log2 histograms of |g|, |Δθ| and
+            the effective step size in row `stat_rows[i]` (`core.histogram` defines the bins).
     """
     _check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
     algorithm = Algorithm.ADAMW if decoupled_weight_decay else Algorithm.ADAM
     step = _differentiable if differentiable else _fused
     step(algorithm, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, prev_epoch_steps, stats,
          stat_rows, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex)
+         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex,
+         histograms=histograms)
 
 
 def adamw(
@@ -345,6 +360,7 @@ def adamax(
     found_inf: Tensor | None = None,
     has_complex: bool = False,
     differentiable: bool = False,
+    histograms: Tensor | None = None,
 ) -> None:
     """One Adamax step over lists of tensors, measured: `torch.optim.Adamax`'s single-tensor
     update, operation for operation, with the statistics of `adam` (the second moment is the
@@ -353,7 +369,7 @@ def adamax(
     step = _differentiable if differentiable else _fused
     step(Algorithm.ADAMAX, params, grads, exp_avgs, exp_infs, (), state_steps, prev_epoch_steps, stats, stat_rows,
          lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=maximize,
-         grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex)
+         grad_scale=grad_scale, found_inf=found_inf, has_complex=has_complex, histograms=histograms)
 
 
 __all__ = ["adam", "adamw", "adamax"]

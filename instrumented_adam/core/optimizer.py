@@ -19,6 +19,9 @@ Instrumentation options (keyword-only):
                   parameters' device, so that `end_epoch()` can measure the epoch's step and
                   each step its alignment with the previous epoch's (default True; costs three
                   parameter-sized buffers)
+  histogram_every on the steps whose number is divisible by it, the kernel also counts per tensor
+                  log2 histograms of |g|, |Δθ| and the effective step size in the same pass
+                  (`last_step_histograms()`, `core.histogram`); 0 (default) never
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from . import functional
 from ._ops import NUM_STATS, epoch_geometry, sum_of_squares
+from .histogram import HISTOGRAM_BINS, HISTOGRAM_KINDS, HISTOGRAM_NAMES
 from .stats import EPOCH_COLUMNS, EpochGeometry, StepStatistics
 
 # Instrumentation state kept per parameter (besides torch's own keys); saved in state_dict.
@@ -146,6 +150,32 @@ class _Layout:
     numel: Tensor
     groups: Tensor
     stats: Tensor | None  # [rows, NUM_STATS] float64, filled by each step
+    histograms: Tensor | None = None  # [rows, HISTOGRAM_KINDS, HISTOGRAM_BINS] int64, on histogram steps
+
+
+@dataclass(frozen=True)
+class StepHistograms:
+    """The histograms of one step, one row per parameter (see `core.histogram` for the bins).
+
+    counts: [rows, HISTOGRAM_KINDS, HISTOGRAM_BINS] int64 on the parameters' device, kinds in
+    `names` order (|g|, |Δθ|, effective step size); a parameter without a gradient has zeros.
+    `groups` gives each row's param group; `step` the optimizer step they were taken at.
+    """
+
+    counts: Tensor
+    groups: Tensor
+    step: int
+    names: tuple[str, ...] = HISTOGRAM_NAMES
+
+    def kind(self, name: str) -> Tensor:
+        """The [rows, HISTOGRAM_BINS] counts of one histogram (`grad_abs`, `update_abs`, `eff_lr`)."""
+        if name not in self.names:
+            raise KeyError(f"unknown histogram {name!r}; known: {', '.join(self.names)}")
+        return self.counts[:, self.names.index(name)]
+
+    def overall(self) -> Tensor:
+        """The [HISTOGRAM_KINDS, HISTOGRAM_BINS] counts over every parameter."""
+        return self.counts.sum(dim=0)
 
 
 class _Bookkeeping:
@@ -176,6 +206,7 @@ class _Bookkeeping:
         # Elements per statistics row that took part in the last step (0 for a parameter without
         # a gradient): the per-element means divide by these.
         self.active_numel: Tensor | None = None
+        self.histogram_step = 0  # steps_done of the last step that took histograms (0: none yet)
 
     @property
     def steps_done(self) -> int:
@@ -193,11 +224,18 @@ class _Instrumented:
     #: torch.optim's message for a sparse gradient (Adam and AdamW share Adam's).
     _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, histogram_every: int = 0,
+                 **kwargs: Any) -> None:
+        if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
+            raise ValueError(f"Invalid histogram_every value: {histogram_every!r} (an int >= 0; 0 turns histograms off)")
+        if histogram_every and not statistics:
+            raise ValueError("instrumented_adam: histogram_every needs statistics=True (histograms are taken on "
+                             "statistics steps)")
         self._ia = _Bookkeeping()
         super().__init__(*args, **kwargs)
         self.statistics = bool(statistics)
         self.epoch_geometry = bool(epoch_geometry)
+        self.histogram_every = int(histogram_every)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -243,6 +281,7 @@ class _Instrumented:
         state = super().__getstate__()
         state["statistics"] = self.statistics
         state["epoch_geometry"] = self.epoch_geometry
+        state["histogram_every"] = self.histogram_every
         state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done, self._ia.steps_at_epoch_end)
         return state
 
@@ -263,6 +302,7 @@ class _Instrumented:
         self._ia.layout = None
         self._ia.prev_step_sumsq = None  # recomputed from the state when next needed
         self._ia.active_numel = None
+        self._ia.histogram_step = 0  # the histograms buffer goes with the layout
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -281,7 +321,9 @@ class _Instrumented:
         device = first.device if first is not None else torch.device("cpu")
         layout = self._ia.layout
         if layout is not None and layout.num_params == num_params and layout.device == device:
-            if layout.stats is not None or not self.statistics:
+            if (layout.stats is not None or not self.statistics) and (
+                layout.histograms is not None or not getattr(self, "histogram_every", 0)
+            ):
                 return layout
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
@@ -297,7 +339,10 @@ class _Instrumented:
         numel = _host_list_to([float(p.numel()) for p in all_params], torch.float64, device)
         groups = _host_list_to([i for i, n in enumerate(num_params) for _ in range(n)], torch.long, device)
         stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
-        layout = self._ia.layout = _Layout(num_params, device, offsets, numel, groups, stats)
+        histograms = None
+        if self.statistics and getattr(self, "histogram_every", 0):  # an older pickle has no attribute
+            histograms = torch.zeros(start, HISTOGRAM_KINDS, HISTOGRAM_BINS, dtype=torch.int64, device=device)
+        layout = self._ia.layout = _Layout(num_params, device, offsets, numel, groups, stats, histograms)
         self._ia.plans = {}
         self._ia.prev_step_sumsq = None  # rows changed: recomputed from the state when needed
         self._ia.active_numel = None
@@ -401,8 +446,11 @@ class _Instrumented:
         found_inf = getattr(self, "found_inf", None)
         ia = self._ia
         replanned = False
+        # histogram_every: the steps whose number (counted from 1) it divides also take histograms.
+        every = getattr(self, "histogram_every", 0)
+        take_histograms = bool(every) and layout.histograms is not None and (ia.steps_done + 1) % every == 0
         for gi, group in enumerate(self.param_groups):
-            replanned |= self._step_group(gi, group, layout, grad_scale, found_inf)
+            replanned |= self._step_group(gi, group, layout, grad_scale, found_inf, take_histograms)
         if replanned or ia.active_numel is None:
             # Which parameters took part changed: per-element means count only their elements.
             stepped = [set(ia.plans[gi].indices) if gi in ia.plans else set() for gi in range(len(self.param_groups))]
@@ -410,12 +458,19 @@ class _Instrumented:
                       for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
             ia.active_numel = _host_list_to(active, torch.float64, layout.device)
         ia.step_count.add_(1)
+        if take_histograms:  # (histogram_every > 0 reads the CPU step counter on the host)
+            ia.histogram_step = ia.steps_done
         return loss
 
-    def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:
+    def _step_group(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf,
+                    take_histograms: bool = False) -> bool:
         """One kernel call for the group; True when its plan had to be (re)built."""
+        histograms = None
+        if take_histograms:
+            start = layout.offsets[gi]
+            histograms = layout.histograms[start : start + len(group["params"])]
         if group.get("differentiable"):
-            return self._step_group_differentiable(gi, group, layout, grad_scale, found_inf)
+            return self._step_group_differentiable(gi, group, layout, grad_scale, found_inf, histograms)
         params = group["params"]
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
@@ -429,6 +484,8 @@ class _Instrumented:
             if layout.stats is not None:
                 start = layout.offsets[gi]
                 layout.stats[start : start + len(params)].zero_()
+            if histograms is not None:
+                histograms.zero_()
             return replanned
         call_grads = [grads[i] for i in plan.indices]
         call_params = plan.params
@@ -466,7 +523,8 @@ class _Instrumented:
             stats = layout.stats[start : start + len(params)]
         self._functional_step(group, call_params, call_grads, plan.exp_avgs, plan.second_moments,
                               plan.max_second_moments, plan.state_steps, prev_epoch_steps=plan.prev_epoch_steps,
-                              stats=stats, stat_rows=plan.stat_rows, grad_scale=grad_scale, found_inf=found_inf)
+                              stats=stats, stat_rows=plan.stat_rows, grad_scale=grad_scale, found_inf=found_inf,
+                              **({"histograms": histograms} if histograms is not None else {}))
         for pos in plan.relayout:
             plan.params[pos].copy_(call_params[pos])
         if grad_scale is not None:  # the kernel unscaled the gradient copies: write them back
@@ -474,7 +532,8 @@ class _Instrumented:
                 original.copy_(dense)
         return replanned
 
-    def _step_group_differentiable(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf) -> bool:
+    def _step_group_differentiable(self, gi: int, group: dict, layout: _Layout, grad_scale, found_inf,
+                                   histograms: Tensor | None = None) -> bool:
         """A differentiable=True group: torch's differentiable math through `core.functional`.
 
         The tensor lists are gathered from the state at every step, not planned: meta-learning
@@ -497,6 +556,8 @@ class _Instrumented:
         if not indices:
             if stats is not None:
                 stats.zero_()
+            if histograms is not None:
+                histograms.zero_()
             return replanned
         amsgrad = bool(group.get("amsgrad", False))
         track_prev = self.statistics and self.epoch_geometry and self._ia.has_prev_epoch
@@ -521,7 +582,8 @@ class _Instrumented:
             self._functional_step(group, call_params, grads, exp_avgs, seconds, maxes, steps, prev_epoch_steps=prevs,
                                   stats=stats, stat_rows=[] if len(indices) == len(params) else indices,
                                   grad_scale=grad_scale, found_inf=found_inf,
-                                  has_complex=any(p.is_complex() for p in call_params), differentiable=True)
+                                  has_complex=any(p.is_complex() for p in call_params), differentiable=True,
+                                  **({"histograms": histograms} if histograms is not None else {}))
         return replanned
 
     # ---- statistics -------------------------------------------------------------------------
@@ -553,6 +615,25 @@ class _Instrumented:
             prev_step_sumsq=prev_step_sumsq,
             step=ia.steps_done,
         )
+
+    def last_step_histograms(self, copy: bool = True) -> StepHistograms | None:
+        """The histograms of the last step, or None when the last step took none (no host sync).
+
+        Steps whose number is divisible by `histogram_every` take them (`core.histogram` defines
+        the bins); built with histogram_every=0 this raises.
+
+        Args:
+            copy: True (default) returns a snapshot; False a view of the live buffer, which the
+                next histogram step overwrites.
+        """
+        if not getattr(self, "histogram_every", 0):
+            raise RuntimeError("instrumented_adam: this optimizer was built with histogram_every=0 (no histograms)")
+        ia = self._ia
+        layout = ia.layout
+        if layout is None or layout.histograms is None or ia.histogram_step == 0 or ia.histogram_step != ia.steps_done:
+            return None
+        return StepHistograms(counts=layout.histograms.clone() if copy else layout.histograms, groups=layout.groups,
+                              step=ia.steps_done)
 
     @staticmethod
     def _epoch_row_torch(p: Tensor, state: dict, zero: Tensor) -> tuple[Tensor, Tensor]:

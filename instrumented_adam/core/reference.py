@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from ._ops import STAT_NAMES, Algorithm
+from .histogram import (FIRST_EXPONENT_BIN, HISTOGRAM_BINS, HISTOGRAM_NAMES, MIN_EXPONENT, NONFINITE_BIN, OVERFLOW_BIN,
+                        UNDERFLOW_BIN)
 
 
 @torch.no_grad()
@@ -129,6 +131,24 @@ def statistics(
     if tuple(stats) != STAT_NAMES:
         raise AssertionError("the reference must follow the one statistics table")
     return torch.stack([v.to(device=zero.device, dtype=torch.float64) for v in stats.values()])
+
+
+def histogram_bins(values: Tensor) -> Tensor:
+    """The log2 bin of each |value| (`core.histogram` defines them), from frexp in float64."""
+    x = values.reshape(-1).double().abs()
+    _, exponent = torch.frexp(x)  # x = m·2^e with m in [0.5, 1): floor(log2 x) = e - 1
+    bins = (exponent.long() - 1 - MIN_EXPONENT + FIRST_EXPONENT_BIN).clamp(UNDERFLOW_BIN, OVERFLOW_BIN)
+    bins = torch.where(x == 0, torch.zeros_like(bins), bins)
+    return torch.where(torch.isfinite(x), bins, torch.full_like(bins, NONFINITE_BIN))
+
+
+def histograms(theta_before: Tensor, theta_after: Tensor, grad: Tensor, eff_lr: Tensor) -> Tensor:
+    """One tensor's step histograms of |g|, |Δθ| and the effective step size: [HISTOGRAM_KINDS,
+    HISTOGRAM_BINS] int64 counts (Δθ is the difference of θ as stored)."""
+    values = {"grad_abs": grad, "update_abs": theta_after - theta_before, "eff_lr": eff_lr}
+    if tuple(values) != HISTOGRAM_NAMES:
+        raise AssertionError("the reference must follow the one histogram table")
+    return torch.stack([torch.bincount(histogram_bins(v).cpu(), minlength=HISTOGRAM_BINS) for v in values.values()])
 
 
 def epoch_geometry(theta_end: Tensor, theta_prev_end: Tensor, prev_step: Tensor | None, theta_0: Tensor) -> dict[str, float]:

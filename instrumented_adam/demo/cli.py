@@ -107,9 +107,17 @@ def build_parser(demo_options: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_histogram_option(demo: argparse.ArgumentParser) -> None:
+    """The kernel histograms of the demo's runs (issue 11: distributions from the kernel)."""
+    demo.add_argument("--histogram-every", type=nonnegative_int, default=10, metavar="N",
+                      help="the optimizer's per-tensor log2 histograms of |g|, |Δθ| and the effective step size "
+                           "every N steps, shown in the report (0: none; default: 10)")
+
+
 def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     from .tasks import ACTIVATIONS, OPTIMIZERS, SCHEDULES, TASKS
 
+    _add_histogram_option(demo)
     demo.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="tasks to run (default: all)")
     demo.add_argument("--optimizer", nargs="+", choices=list(OPTIMIZERS), default=["adam", "adamax"],
                       help="optimizers, one run per task each (default: adam adamax)")
@@ -386,7 +394,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             configs.append(TrainConfig(
                 optimizer=name, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps,
                 epochs=args.epochs, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
-                activation=args.activation,
+                activation=args.activation, histogram_every=args.histogram_every,
             ))
         except ValueError as e:
             raise UserError(str(e)) from None

@@ -83,6 +83,7 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     activation: str = "tanh"  # digits only (tanh: no dead units, see DigitsTask)
+    histogram_every: int = 0  # the optimizer's kernel histograms every N steps (0: none)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -443,7 +444,8 @@ class RunResult:
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """The instrumented optimizer named by `config` (lr and weight decay already resolved)."""
     cls = OPTIMIZERS[config.optimizer]
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+               histogram_every=config.histogram_every)
 
 
 def train_task(

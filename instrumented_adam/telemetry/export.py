@@ -14,9 +14,15 @@ TensorBoard tags follow what users already see from PyTorch Lightning and their 
                                         and epoch aggregates (update_norm_mean, ..._min, ..._max)
     <metric>                            user metrics under their own names (train_loss, val_loss)
     layers/<parameter name>/<figure>    per-tensor epoch figures
+    histograms/<kind>_log2              the kernel's step histograms (histogram_every) of log2 |x| over
+    histograms/<layer>/<kind>_log2        all tensors and per tensor, unit-wide buckets [e, e+1) (the
+                                          bins of core/histogram.py); exact zeros and NaN/inf are left
+                                          out of the histogram and logged as histograms/<kind>_zeros
+                                          and histograms/<kind>_nonfinite counts
 
-CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics), the
-frames of `RunStore`'s loaders.
+CSV and Parquet: one file per table (runs, steps, step_groups, epochs, layers, metrics, and
+histograms when the exported runs have any), the frames of `RunStore`'s loaders; in histograms the
+counts are one column per bin (`bin_<b>`, core/histogram.py numbers them).
 
 Nothing is written outside the output directory: a run's directory name is made from its id and
 its name with every character other than letters, digits, '.', '_' and '-' replaced (a run named
@@ -31,11 +37,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
+from ..core.histogram import HISTOGRAM_BINS, HISTOGRAM_NAMES
 from .store import KNOWN_HYPERPARAMETERS, RunStore
 
-_TABLES = ("runs", "steps", "step_groups", "epochs", "layers", "metrics")
+_TABLES = ("runs", "steps", "step_groups", "epochs", "layers", "metrics", "histograms")
 _STEP_KEYS = frozenset({"run_id", "step", "epoch", "grp"})
 _EPOCH_KEYS = frozenset({"run_id", "epoch", "step", "num_steps", "recorded_steps", "wall_time"})
 _LAYER_KEYS = frozenset({"run_id", "epoch", "layer_index", "layer", "grp", "numel"})
@@ -134,6 +142,37 @@ class TensorBoardLogger:
         for name, value in metrics.items():
             self._scalar(name, value, step if step is not None else epoch, walltime)
 
+    def _histogram(self, tag: str, counts: Any, step: int) -> None:
+        """One log2 histogram as TensorBoard's raw histogram (see the module docstring)."""
+        from ..core.histogram import FIRST_EXPONENT_BIN, MIN_EXPONENT, NONFINITE_BIN, OVERFLOW_BIN, UNDERFLOW_BIN, ZERO_BIN
+
+        c = [int(x) for x in counts]
+        self._scalar(f"{tag}_zeros", c[ZERO_BIN], step)
+        self._scalar(f"{tag}_nonfinite", c[NONFINITE_BIN], step)
+        used = [b for b in range(UNDERFLOW_BIN, OVERFLOW_BIN + 1) if c[b]]
+        if not used:
+            return
+        lo, hi = used[0], used[-1]
+        # log2 |x| of bin b lies in [e, e+1) with e = b - FIRST_EXPONENT_BIN + MIN_EXPONENT (the
+        # underflow and overflow bins are drawn as the buckets next to the exponent range).
+        left = [b - FIRST_EXPONENT_BIN + MIN_EXPONENT for b in range(lo, hi + 1)]
+        num = sum(c[lo : hi + 1])
+        centres = [e + 0.5 for e in left]
+        total = sum(n * x for n, x in zip(c[lo : hi + 1], centres))
+        squares = sum(n * x * x for n, x in zip(c[lo : hi + 1], centres))
+        self.writer.add_histogram_raw(tag + "_log2", min=float(left[0]), max=float(left[-1] + 1), num=num, sum=total,
+                                      sum_squares=squares, bucket_limits=[float(e + 1) for e in left],
+                                      bucket_counts=c[lo : hi + 1], global_step=int(step))
+
+    def log_histograms(self, step: int, layers: Sequence[str], counts: Any) -> None:
+        """One step's histograms: counts [tensors, kinds, bins] (numpy), overall and per tensor."""
+        from ..core.histogram import HISTOGRAM_NAMES
+
+        for k, kind in enumerate(HISTOGRAM_NAMES):
+            self._histogram(f"histograms/{kind}", counts[:, k].sum(axis=0), step)
+            for i, layer in enumerate(layers[: counts.shape[0]]):
+                self._histogram(f"histograms/{layer}/{kind}", counts[i, k], step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -183,6 +222,17 @@ def to_tensorboard(store: RunStore | str | Path, logdir: str | Path, run: int | 
                 late = metrics[~metrics["epoch"].isin(recorded)]
                 for epoch, m in late.groupby("epoch"):
                     logger.log_metrics(int(epoch), None, dict(zip(m["name"], m["value"])))
+                hist = store.histograms(run_id)
+                for step, frame in hist.groupby("step"):
+                    layers = frame.drop_duplicates("layer_index").sort_values("layer_index")
+                    counts = np.zeros((int(layers["layer_index"].max()) + 1, len(HISTOGRAM_NAMES), HISTOGRAM_BINS),
+                                      dtype=np.int64)
+                    for row in frame.itertuples():
+                        counts[int(row.layer_index), HISTOGRAM_NAMES.index(row.kind)] = row.counts
+                    names = [f"param.{i}" for i in range(counts.shape[0])]
+                    for row in layers.itertuples():
+                        names[int(row.layer_index)] = str(row.layer)
+                    logger.log_histograms(int(step), names, counts)
             finally:
                 logger.close()
             written.append(directory)
@@ -199,7 +249,7 @@ def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
     runs = runs.copy()
     for col in ("hyperparameters", "optimizer_config", "hyperparameter_columns"):  # nested values: JSON text in flat files
         runs[col] = runs[col].map(lambda v: json.dumps(v, sort_keys=True) if not isinstance(v, str) else v)
-    return {
+    frames = {
         "runs": runs,
         "steps": store.steps(run),
         "step_groups": store.step_groups(run),
@@ -207,6 +257,20 @@ def _frames(store: RunStore, run: int | str | None) -> dict[str, pd.DataFrame]:
         "layers": store.layers(run),
         "metrics": store.metrics(run),
     }
+    histograms = store.histograms(run)
+    if len(histograms):  # only runs recorded with histogram_every have them
+        frames["histograms"] = _wide_histograms(histograms)
+    return frames
+
+
+def _wide_histograms(df: pd.DataFrame) -> pd.DataFrame:
+    """The histograms frame with its counts as one integer column per bin (flat files hold no arrays)."""
+    keys = df.drop(columns=["counts"])
+    if df.empty:
+        return keys.assign(**{f"bin_{b}": pd.Series(dtype="int64") for b in range(HISTOGRAM_BINS)})
+    bins = pd.DataFrame(np.stack(list(df["counts"])), columns=[f"bin_{b}" for b in range(HISTOGRAM_BINS)],
+                        index=df.index)
+    return pd.concat([keys, bins], axis=1)
 
 
 def _write_tables(store: RunStore | str | Path, directory: str | Path, run: int | str | None, suffix: str,
@@ -227,12 +291,12 @@ def _write_tables(store: RunStore | str | Path, directory: str | Path, run: int 
 
 
 def to_csv(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
-    """Writes runs/steps/step_groups/epochs/layers/metrics.csv of one run (or all) to `directory`."""
+    """Writes runs/steps/step_groups/epochs/layers/metrics/histograms.csv of one run (or all) to `directory`."""
     return _write_tables(store, directory, run, ".csv", lambda df, path: df.to_csv(path, index=False))
 
 
 def to_parquet(store: RunStore | str | Path, directory: str | Path, run: int | str | None = None) -> dict[str, Path]:
-    """Writes runs/steps/step_groups/epochs/layers/metrics.parquet of one run (or all) (needs pyarrow)."""
+    """Writes runs/steps/step_groups/epochs/layers/metrics/histograms.parquet of one run (or all) (needs pyarrow)."""
     return _write_tables(store, directory, run, ".parquet", lambda df, path: df.to_parquet(path, index=False))
 
 

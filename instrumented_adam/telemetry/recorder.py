@@ -247,6 +247,9 @@ class Recorder:
         self._saved_hyper: tuple[tuple[str, ...], tuple[tuple[Any, ...], ...]] | None = None  # from a checkpoint
         self._writer: RunWriter | None = None
         self._capture = StepCapture(step_every, flush_every, self._emit)
+        # Histograms of the steps the optimizer took them at (histogram_every): device copies,
+        # moved to the store at the next flush (no host sync in the step hook).
+        self._histograms_pending: list[tuple[int, int, torch.Tensor]] = []
         self._tb = None
         self._last_heartbeat = time.monotonic()
         self._lr_rules: list[Any] = []  # learning-rate rules whose decisions are written (add_lr_rule)
@@ -320,6 +323,8 @@ class Recorder:
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
+        if getattr(optimizer, "histogram_every", 0):
+            self._capture_histograms(optimizer)
         now = time.monotonic()
         if now - self._last_heartbeat > self.heartbeat_seconds:
             # Long stretches without a write (slow steps, a large flush_every) must not let the
@@ -329,6 +334,36 @@ class Recorder:
                 self.store.heartbeat(self.run_id)  # LeaseLostError propagates: this writer must stop
             except sqlite3.OperationalError as e:  # a busy store: the next write refreshes it
                 warnings.warn(f"instrumented_adam: lease heartbeat not written ({e})", RuntimeWarning)
+
+    # ---- step histograms (the optimizer's histogram_every) -----------------------------------
+    #: Histogram steps kept on the device before they are written without waiting for a flush.
+    histograms_buffered: int = 16
+
+    def _capture_histograms(self, optimizer: torch.optim.Optimizer) -> None:
+        hist = optimizer.last_step_histograms(copy=True)
+        if hist is None:
+            return
+        self._histograms_pending.append((optimizer.steps_done + self._step_offset, self._epoch, hist.counts))
+        if len(self._histograms_pending) >= self.histograms_buffered:
+            self._write_histograms()
+
+    def _write_histograms(self) -> None:
+        """Moves the pending histograms to the store (and the TensorBoard mirror)."""
+        pending, self._histograms_pending = self._histograms_pending, []
+        if not pending:
+            return
+        from ..core.histogram import HISTOGRAM_NAMES  # noqa: PLC0415 (the core layer, below this one)
+
+        names = self._layer_names()
+        rows = []
+        for step, epoch, counts in pending:
+            host = counts.cpu().numpy()
+            for i in range(min(len(names), host.shape[0])):
+                for k, kind in enumerate(HISTOGRAM_NAMES):
+                    rows.append((step, epoch, i, names[i], kind, host[i, k]))
+            if self._tb is not None:
+                self._tb.log_histograms(step, names, host)
+        self.store.write_histograms(self.run_id, rows)
 
     def _emit(self, block) -> None:
         self._writer.launch(block)
@@ -340,6 +375,7 @@ class Recorder:
         self._capture.take()
         if self._writer is not None:
             self._writer.drain(block=True)
+        self._write_histograms()
         self._write_lr_decisions()
 
     # ---- learning-rate rules ----------------------------------------------------------------

@@ -46,6 +46,11 @@ untouched):
     lr_decisions(run_id, seq, epoch, step, rule, grp, action, lr_before, lr_after, figure, value,
                  detail JSON)   learning-rate rules' decisions (core.lr_rules); created when a
                                  store is opened for writing, so older v2 files gain it
+    histograms(run_id, step, epoch, layer_index, layer, kind, first_bin, counts JSON)
+        the kernel's per-tensor log2 histograms (|g|, |Δθ|, effective step size) of the steps an
+        optimizer with `histogram_every` took them at; counts of bins first_bin, first_bin+1, ...
+        (core/histogram.py defines the bins). Created by the first write to a store that lacks
+        it (no schema version change: older readers ignore it)
 
 Hyperparameter columns are not Adam's alone: beyond ``lr`` and ``weight_decay`` (which every
 torch optimizer has) they are created on demand from the names the writer passes (beta1, beta2,
@@ -80,6 +85,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 #: ``PRAGMA application_id`` of our files ("IADS": instrumented_adam store).
@@ -229,6 +235,21 @@ CREATE TABLE checkpoints (
 {_V2_TABLES}
 """
 
+# The step histograms (histogram_every): created by the first write of a store that lacks it, so
+# that existing schema-2 files gain it without a version change.
+_HISTOGRAMS_TABLE = """
+CREATE TABLE IF NOT EXISTS histograms (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    step INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    layer_index INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    first_bin INTEGER NOT NULL,
+    counts TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, layer_index, kind)
+) WITHOUT ROWID"""
+
 # Tables holding rows of a run, and the position column that orders them (for truncation).
 _RUN_TABLES: dict[str, str] = {
     "steps": "step",
@@ -237,6 +258,7 @@ _RUN_TABLES: dict[str, str] = {
     "layer_epochs": "epoch",
     "metrics": "epoch",
     "checkpoints": "step",
+    "histograms": "step",
 }
 # Tables added within schema 2 (no version bump): created by the first open for writing, read as
 # empty where missing; rows of a run, with the epoch column that orders them (for truncation).
@@ -476,6 +498,7 @@ class RunStore:
         self._hyper_noted: dict[int, set[str]] = {}  # run_id -> hyperparameter names already recorded
         self._last_beat: dict[int, float] = {}  # run_id -> when this object last refreshed the heartbeat
         self._conn: sqlite3.Connection | None = None
+        self._histograms_ready = False  # the histograms table exists (created by the first write)
         if not self.path.exists():
             if not create or readonly:
                 raise FileNotFoundError(f"no run store at {self.path} (pass create=True to make one)")
@@ -667,9 +690,12 @@ class RunStore:
                     raise ReadOnlyStoreError(f"{self.path} cannot be written ({e}): open it with readonly=True") from e
                 raise
             try:
+                if migrate and not self._histograms_ready:  # not while _initialise checks for foreign tables
+                    self._create_histograms_table(conn)
                 yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
+                self._histograms_ready = False  # its CREATE may have been rolled back too
                 self._columns_cache.clear()  # an ALTER of the rolled-back transaction is undone
                 self._hyper_noted.clear()
                 self._last_beat.clear()
@@ -1061,6 +1087,59 @@ class RunStore:
             "INSERT INTO metrics(run_id, epoch, name, value, step, seq) VALUES (?, ?, ?, ?, ?, ?)",
             [(run_id, epoch, k, float(v), step, seq + i + 1) for i, (k, v) in enumerate(metrics.items())],
         )
+
+    # ---- step histograms (histogram_every) --------------------------------------------------
+    def _create_histograms_table(self, conn: sqlite3.Connection) -> None:
+        """Creates the histograms table in a store that lacks it (inside a write transaction)."""
+        conn.execute(_HISTOGRAMS_TABLE)
+        self._histograms_ready = True
+
+    def write_histograms(self, run_id: int, rows: Iterable[tuple[int, int, int, str, str, Sequence[int]]]) -> int:
+        """Adds step histograms: rows of (step, epoch, layer_index, layer, kind, counts).
+
+        `counts` are one histogram's per-bin counts (HISTOGRAM_BINS of them); they are stored from
+        the first to the last non-zero bin (an all-zero histogram, of a tensor without a gradient,
+        is not stored). Returns the number of rows written.
+        """
+        records = []
+        for step, epoch, layer_index, layer, kind, counts in rows:
+            values = [int(c) for c in counts]
+            nonzero = [i for i, c in enumerate(values) if c]
+            if not nonzero:
+                continue
+            first, last = nonzero[0], nonzero[-1]
+            records.append((run_id, int(step), int(epoch), int(layer_index), str(layer), str(kind), first,
+                            json.dumps(values[first : last + 1])))
+        with self._write() as conn:
+            self._check_lease(conn, run_id)
+            conn.executemany(
+                "INSERT OR REPLACE INTO histograms(run_id, step, epoch, layer_index, layer, kind, first_bin, counts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                records,
+            )
+        return len(records)
+
+    def histograms(self, run: int | str | None = None, *, kind: str | None = None, num_bins: int = 258) -> pd.DataFrame:
+        """Step histograms: run_id, step, epoch, layer_index, layer, kind, counts (a numpy int64
+        array of `num_bins` per-bin counts). Empty for stores without any."""
+        columns = ["run_id", "step", "epoch", "layer_index", "layer", "kind", "counts"]
+        if not self._has_table("histograms"):
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+        where, params = self._where(run)
+        if kind is not None:
+            where, params = (where + (" AND" if where else " WHERE") + " kind=?"), (*params, kind)
+        df = self._query(
+            "SELECT run_id, step, epoch, layer_index, layer, kind, first_bin, counts FROM histograms"
+            f"{where} ORDER BY run_id, step, layer_index, kind", params)
+
+        def dense(first: int, counts: str) -> np.ndarray:
+            out = np.zeros(num_bins, dtype=np.int64)
+            values = json.loads(counts)
+            out[first : first + len(values)] = values
+            return out
+
+        df["counts"] = [dense(int(f), c) for f, c in zip(df["first_bin"], df["counts"])]
+        return df[columns]
 
     def record_checkpoint(self, run_id: int, step: int, epochs_done: int, path: str | Path) -> None:
         """Notes that a checkpoint of `run_id` after `step` steps and `epochs_done` epochs is at `path`."""

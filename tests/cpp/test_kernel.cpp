@@ -190,7 +190,8 @@ void test_raw_kernels() {
 using AdamStep = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                        at::TensorList, at::TensorList, int64_t, double, const std::optional<at::Tensor>&, double,
                        double, double, double, bool, bool, const std::optional<at::Tensor>&,
-                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef);
+                       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                       const std::optional<at::Tensor>&);  // histograms (csrc/histogram.h)
 
 void test_dispatcher() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("instrumented_adam::adam_step", "").typed<AdamStep>();
@@ -202,7 +203,7 @@ void test_dispatcher() {
   bool threw = false;
   try {
     op.call({p}, {g}, {m}, {bad_v}, {}, {}, {step}, 0, 1e-3, std::nullopt, 0.9, 0.999, 0.0, 1e-8, false, false,
-            std::nullopt, std::nullopt, stats, {});
+            std::nullopt, std::nullopt, stats, {}, std::nullopt);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("shape") != std::string::npos;
   }
@@ -211,12 +212,12 @@ void test_dispatcher() {
 
   at::Tensor found_inf = at::ones({}, at::kFloat);
   op.call({p}, {g}, {m}, {v}, {}, {}, {step}, 0, 1e-3, std::nullopt, 0.9, 0.999, 0.0, 1e-8, false, false,
-          std::nullopt, found_inf, stats, {});
+          std::nullopt, found_inf, stats, {}, std::nullopt);
   EXPECT(at::equal(p, p_before) && step.item<float>() == 0.f && stats.abs().sum().item<double>() == 0.0,
          "a step with found_inf must be skipped with zero statistics");
 
   op.call({p}, {g}, {m}, {v}, {}, {}, {step}, 0, 1e-3, std::nullopt, 0.9, 0.999, 0.0, 1e-8, false, false,
-          std::nullopt, std::nullopt, stats, {});
+          std::nullopt, std::nullopt, stats, {}, std::nullopt);
   EXPECT(!at::equal(p, p_before) && step.item<float>() == 1.f, "a normal step must update and count");
   const double grad_sumsq = g.to(at::kDouble).pow(2).sum().item<double>();
   EXPECT(std::abs(stats[0][ia::k_grad_sumsq].item<double>() - grad_sumsq) < 1e-6 * grad_sumsq,
