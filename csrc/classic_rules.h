@@ -13,9 +13,10 @@
 //   - Reduced types (bf16/fp16) compute in fp32 registers. torch's fused kernels round some
 //     constants to the storage type in their vector body (`fVec(scalar_t(eps))`) but not in their
 //     scalar remainder loop (`opmath_t(eps)`); Adagrad reproduces both (kTorchScalarTail). torch
-//     2.13's fused SGD vector body for bf16/fp16 does not update the parameters at all and reads
-//     the momentum buffer as fp32 (a torch bug; tests/test_classic_parity.py shows it), so SGD's
-//     reduced-type rule is torch's scalar loop (the correct arithmetic) for every element.
+//     2.13's fused SGD for bf16/fp16 leaves the parameters untouched in most elements (its vector
+//     body never stores them and reads the momentum buffer as fp32: a torch bug,
+//     tests/test_classic_parity.py shows it), so SGD's reduced types compute what its fp32 rule
+//     computes, on the stored values, rounded once on store.
 #pragma once
 
 #include <type_traits>
@@ -151,7 +152,9 @@ struct AdagradRule {
   static constexpr int kNumStates = AdagradState::kCount;
   static constexpr int kNumRequiredStates = AdagradState::kCount;
   static constexpr int kFirstMomentState = -1;
-  static constexpr bool kTorchVectorisedTail = false;
+  // torch's remainder loop is auto-vectorised for its first lanes, and those use the vector body's
+  // (bf16/fp16-rounded) constants; the scalar rest uses the compute-type ones (measured, bf16).
+  static constexpr bool kTorchVectorisedTail = true;
 
   template <class O>
   using Coefficients = ClassicCoefficients<O>;
