@@ -14,7 +14,8 @@ fp32 registers as torch's fused kernels do (see csrc/classic_rules.h for torch 2
 whose reduced-type vector loop does not update the parameters).
 
 Not supported (a clear error instead): sparse gradients (torch's non-fused SGD and Adagrad accept
-them; use those for sparse embeddings), `differentiable=True` (use torch.optim's class).
+them; use those for sparse embeddings), `differentiable=True` (use torch.optim's class), and,
+so far, CUDA parameters (the rules are CPU-only until their CUDA harness cases are written).
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ class _Classic(_Instrumented):
         return plan
 
     def _step_group(self, gi: int, group: dict, layout, grad_scale, found_inf) -> bool:
+        if layout.device.type != "cpu":
+            # The CUDA rules are not written yet (docs/design.md, "SGD, RMSprop and Adagrad").
+            raise NotImplementedError(f"instrumented_adam.{type(self).__name__} runs on CPU only so far; "
+                                      f"use torch.optim.{type(self).__name__} on {layout.device}")
         plan = self._ia.plans.get(gi)
         if plan is not None and getattr(plan, "options", None) != self._plan_options(group):
             del self._ia.plans[gi]  # an option that changes the state (momentum, centered) changed
