@@ -294,3 +294,60 @@ def test_bad_call_leaves_state_untouched():
 @pytest.mark.isa_subprocess
 def test_isa_subprocess_avx2():
     run_isa_subprocess("test_classic_statistics.py", "avx2", "AVX2", select="statistics or epoch")
+
+
+# ---- opcheck and torch.compile ----------------------------------------------------------------------
+
+def _op_cases():
+    from instrumented_adam.core._classic_ops import adagrad_step, rmsprop_step, sgd_step
+    from instrumented_adam import NUM_STATS
+
+    def tensors(k):
+        return [torch.randn(n) for n in (7, 33)][:k] if k else []
+
+    p, g = [torch.randn(7), torch.randn(33)], [torch.randn(7), torch.randn(33)]
+    stats = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    steps = [torch.zeros(()), torch.zeros(())]
+    common = dict(lr_tensor=None, grad_scale=None, found_inf=None, stats=stats, stat_rows=[])
+    return [
+        (sgd_step, (p, g, [torch.zeros(7), torch.zeros(33)], []),
+         dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=False,
+              first_step=[1, 0], **common)),
+        (rmsprop_step, (p, g, [torch.rand(7), torch.rand(33)], [torch.zeros(7), torch.zeros(33)],
+                        [torch.zeros(7), torch.zeros(33)], [torch.randn(7), torch.randn(33)], steps),
+         dict(lr=1e-3, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.5, centered=True, maximize=True, **common)),
+        (adagrad_step, (p, g, [torch.rand(7), torch.rand(33)], [], steps),
+         dict(lr=1e-2, lr_decay=0.01, weight_decay=0.0, eps=1e-10, maximize=False, **common)),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_opcheck(index):
+    op, args, kwargs = _op_cases()[index]
+    torch.library.opcheck(op.default, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["SGD"])  # the one whose plan changes after its first step; ~20 s each
+def test_compiled_step_matches_eager(name):
+    try:
+        probe = torch.compile(lambda x: x * 2 + 1, fullgraph=True)
+        probe(torch.ones(3))
+    except Exception as error:  # noqa: BLE001 - no working inductor here
+        pytest.skip(f"torch.compile with inductor is unavailable: {error}")
+    torch._dynamo.reset()
+    sizes = (5, 17, 1000)
+    eager_p, compiled_p = make_params(sizes), make_params(sizes)
+    kwargs = dict(KWARGS[name], lr=torch.tensor(1e-2))
+    eager, compiled = CLASSES[name][0](eager_p, **kwargs), CLASSES[name][0](compiled_p, **kwargs)
+    step = torch.compile(compiled.step, fullgraph=True)
+    bank = GradBank(sizes)
+    for t in range(6):
+        set_grads(eager_p, bank.grads(t))
+        set_grads(compiled_p, bank.grads(t))
+        eager.step()
+        step()
+    for a, b in zip(eager_p, compiled_p):
+        assert torch.equal(a, b)
+    assert torch.equal(eager.last_step_statistics().values, compiled.last_step_statistics().values)
+    assert compiled.steps_done == 6
+    torch._dynamo.reset()
