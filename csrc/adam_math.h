@@ -23,7 +23,8 @@
 namespace instrumented_adam {
 
 // Values match the `algorithm` argument of the op (instrumented_adam/_ops.py keeps the same).
-enum class Algorithm : int64_t { kAdam = 0, kAdamW = 1, kAdamax = 2 };
+// kSgd, kRmsprop and kAdagrad only select the kernel rule (classic_rules.h); their ops are their own.
+enum class Algorithm : int64_t { kAdam = 0, kAdamW = 1, kAdamax = 2, kSgd = 3, kRmsprop = 4, kAdagrad = 5 };
 
 // The state tensors of the Adam family, in the order its rules (AdamRule below, the CUDA
 // AdamFamilyRule) declare them and the glue fills ParameterPointers::state (adam_step_call.h).

@@ -22,6 +22,32 @@ TORCH_LIBRARY(instrumented_adam, m) {
       "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor(g!)? stats, int[] stat_rows, Tensor(h!)? histograms=None) -> ()");
 
+  // The classic optimizers (classic_rules.h), one op each, with the statistics of the same table
+  // and the same conventions as adam_step (lr_tensor, grad_scale/found_inf, stats/stat_rows,
+  // prev_epoch_steps). State lists hold one tensor per parameter, or are empty when the option
+  // that needs them is off.
+  //   sgd_step: momentum_buffers (empty when momentum == 0); first_step: for each parameter 1
+  //     when its momentum buffer is new (it becomes the gradient), 0 otherwise, or empty (none).
+  //     SGD keeps no step counter.
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor[] prev_epoch_steps, *, float lr, Tensor? lr_tensor, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, int[] first_step, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor(d!)? stats, int[] stat_rows) -> ()");
+  //   rmsprop_step: momentum_buffers (empty unless momentum > 0), grad_avgs (empty unless centered)
+  m.def(
+      "rmsprop_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+      "Tensor(d!)[] momentum_buffers, Tensor(e!)[] grad_avgs, Tensor[] prev_epoch_steps, "
+      "Tensor(f!)[] state_steps, *, float lr, Tensor? lr_tensor, float alpha, float eps, float weight_decay, "
+      "float momentum, bool centered, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(g!)? stats, int[] stat_rows) -> ()");
+  //   adagrad_step: state_sums, the accumulated squared gradients
+  m.def(
+      "adagrad_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
+      "Tensor[] prev_epoch_steps, Tensor(d!)[] state_steps, *, float lr, Tensor? lr_tensor, float lr_decay, "
+      "float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor(e!)? stats, int[] stat_rows) -> ()");
+
   // The epoch boundary, per tensor i, in float64: s = θ − start; out[i] = (‖s‖², ⟨s, prev⟩, ‖prev‖²,
   // ‖θ − initial‖², ‖s as stored‖²) with ⟨s, prev⟩ = ‖prev‖² = 0 unless has_prev; then prev ← s
   // (rounded to θ's dtype) and start ← θ. out: [n, 5] float64.

@@ -33,24 +33,34 @@ enum class Combine : int8_t { kSum = 0, kMax = 1, kCount = 2 };
 enum Family : uint32_t {
   kFamilyAdam = 1u << 0,    // Adam, AdamW (an exp_avg and an exp_avg_sq)
   kFamilyAdamax = 1u << 1,  // Adamax (an exp_avg and an infinity-norm exp_inf)
+  kFamilySgd = 1u << 2,      // SGD (a momentum_buffer with momentum; classic_rules.h)
+  kFamilyRmsprop = 1u << 3,  // RMSprop (a square_avg; momentum_buffer, grad_avg by option)
+  kFamilyAdagrad = 1u << 4,  // Adagrad (the accumulated sum of squared gradients)
 };
-inline constexpr uint32_t kAllFamilies = kFamilyAdam | kFamilyAdamax;
-inline constexpr const char* kFamilyNames[] = {"adam", "adamax"};
-inline constexpr int kNumFamilies = 2;
+inline constexpr uint32_t kAllFamilies = kFamilyAdam | kFamilyAdamax | kFamilySgd | kFamilyRmsprop | kFamilyAdagrad;
+// Families with a momentum-like first moment (Adam's m, the momentum buffer of SGD and RMSprop).
+inline constexpr uint32_t kFirstMomentFamilies = kFamilyAdam | kFamilyAdamax | kFamilySgd | kFamilyRmsprop;
+// Families whose step divides by a second moment (v, u, RMSprop's square average, Adagrad's sum).
+inline constexpr uint32_t kSecondMomentFamilies = kFamilyAdam | kFamilyAdamax | kFamilyRmsprop | kFamilyAdagrad;
+inline constexpr const char* kFamilyNames[] = {"adam", "adamax", "sgd", "rmsprop", "adagrad"};
+inline constexpr int kNumFamilies = 5;
 
 #define IA_FOR_EACH_STAT(X)                                                                         \
   X(grad_sumsq, kSum, kAllFamilies, "Σ g²")                                                         \
-  X(exp_avg_sumsq, kSum, kAllFamilies, "Σ m_t²")                                                    \
-  X(second_moment_sum, kSum, kAllFamilies, "Σ of the moment in the denominator: v_t (max v_t with "  \
-    "amsgrad), u_t for Adamax")                                                                     \
+  X(exp_avg_sumsq, kSum, kFirstMomentFamilies, "Σ m_t² (SGD, RMSprop: the momentum buffer b_t; 0 "  \
+    "without momentum)")                                                                            \
+  X(second_moment_sum, kSum, kSecondMomentFamilies, "Σ of the moment in the denominator: v_t (max v_t " \
+    "with amsgrad), u_t for Adamax, v_t for RMSprop (v_t − ḡ_t² when centered), the sum s_t for "     \
+    "Adagrad")                                                                                      \
   X(update_sumsq, kSum, kAllFamilies, "Σ Δθ²")                                                      \
   X(param_sumsq, kSum, kAllFamilies, "Σ θ_t²")                                                      \
   X(update_dot_grad, kSum, kAllFamilies, "Σ Δθ·g, the first-order predicted loss change")          \
-  X(exp_avg_dot_grad, kSum, kAllFamilies, "Σ m_t·g")                                                \
+  X(exp_avg_dot_grad, kSum, kFirstMomentFamilies, "Σ m_t·g (SGD, RMSprop: Σ b_t·g)")                \
   X(update_dot_prev_epoch, kSum, kAllFamilies, "Σ Δθ·s_{k-1} (0 while no epoch has ended)")        \
   X(nonfinite_grads, kCount, kAllFamilies, "count of non-finite gradient elements")               \
   X(eff_lr_sum, kSum, kAllFamilies, "Σ of the per-element effective step size "                    \
-    "lr/(bc1·(√(v/bc2)+ε)) (Adamax: lr/(bc1·u))")                                                   \
+    "lr/(bc1·(√(v/bc2)+ε)) (Adamax: lr/(bc1·u); SGD: lr; RMSprop: lr/(√v+ε); Adagrad: "            \
+    "clr/(√s+ε))")                                                                                  \
   X(eff_lr_max, kMax, kAllFamilies, "max of the per-element effective step size")                 \
   IA_TEST_EXTRA_STATS(X)
 

@@ -1,4 +1,5 @@
-"""instrumented_adam: Adam, AdamW and Adamax whose fused kernels measure what the optimizer does.
+"""instrumented_adam: Adam, AdamW, Adamax, SGD, RMSprop and Adagrad whose fused kernels measure
+what the optimizer does.
 
     import instrumented_adam as ia
     opt = ia.Adam(model.parameters(), lr=1e-3)          # drop-in for torch.optim.Adam
@@ -30,6 +31,9 @@ _LAZY = {
     "Adam": "core.optimizer",
     "AdamW": "core.optimizer",
     "Adamax": "core.optimizer",
+    "SGD": "core.classic",
+    "RMSprop": "core.classic",
+    "Adagrad": "core.classic",
     "Algorithm": "core._ops",
     "STAT_NAMES": "core._ops",
     "STAT_INDEX": "core._ops",
@@ -42,7 +46,7 @@ _LAZY = {
 }
 
 # public module name -> the module: `ia.functional.adam(...)`
-_LAZY_MODULES = {"functional": "core.functional"}
+_LAZY_MODULES = {"functional": "core.functional", "classic_functional": "core.classic_functional"}
 
 __all__ = [*_LAZY, *_LAZY_MODULES, "__version__"]
 

@@ -15,12 +15,12 @@ LOG="$VENV/.instrumented_adam-build.log"
   || { tail -40 "$LOG"; exit 1; }
 
 echo "== C++ kernel tests (CMake + ctest, linking the objects just built)"
-# The CPU objects of that build: the op schemas, the glue and the ISA copies of the kernel (not the
+# The CPU objects of that build: the op schemas, the CPU glue (csrc/cpu/*.cpp) and the ISA copies of the kernel (not the
 # Python module, not CUDA). Without them (another build layout), CMake compiles its own.
 BUILD_TEMP="$("$PY" -c 'import sys, sysconfig; print(f"build/temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")')"
 OBJECTS=""
-for obj in $(find "$BUILD_TEMP" -name '*.o' \( -path '*/csrc/ops.o' -o -path '*/csrc/cpu/adam_cpu.o' \
-             -o -path '*/csrc/cpu/epoch_cpu.o' -o -regex '.*/isa/adam_kernel_[a-z0-9]*\.o' \) 2>/dev/null | sort); do
+for obj in $(find "$BUILD_TEMP" -name '*.o' \( -path '*/csrc/ops.o' -o -path '*/csrc/cpu/*.o' \
+             -o -regex '.*/isa/adam_kernel_[a-z0-9]*\.o' \) 2>/dev/null | sort); do
   OBJECTS="${OBJECTS:+$OBJECTS;}$(pwd)/$obj"
 done
 cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DIA_PREBUILT_OBJECTS="$OBJECTS" \

@@ -213,7 +213,7 @@ from torch.utils._python_dispatch import TorchDispatchMode as TorchDispatchModeB
 
 class OpCounter(TorchDispatchModeBase):
     """Counts the aten ops run inside it by name. Reads of the given optimizers' step counters
-    (0-d int64 tensors that live on the CPU whatever the parameters' device, so reading one never
+    (one-element int64 tensors that live on the CPU whatever the parameters' device, so reading one never
     waits for a GPU) are named "<op> (step counter)", so that a test can forbid every other read."""
 
     def __init__(self, *optimizers) -> None:

@@ -179,7 +179,7 @@ def test_unknown_run(store, argv, tmp_path, capsys):
     (["demo", "--weight-decay", "-1"], "'-1' is not a number >= 0"),
     (["demo", "--lr", "nan"], "'nan' is not a positive number"),
     (["demo", "--betas", "0.9", "1.0"], "'1.0' is not a beta in [0, 1)"),
-    (["demo", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["demo", "--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["demo", "--task", "mnist"], "invalid choice: 'mnist'"),
     (["export", "x.sqlite", "--format", "xml", "--out", "d"], "invalid choice: 'xml'"),
     (["export", "x.sqlite", "--format", "csv"], "the following arguments are required: --out"),

@@ -54,7 +54,7 @@ def test_digits_mlp_reaches_95_percent(tmp_path):
 
 
 def test_configs_are_validated():
-    for bad in (dict(optimizer="sgd"), dict(lr=-1.0), dict(epochs=0), dict(betas=(0.9, 1.0)), dict(schedule="step")):
+    for bad in (dict(optimizer="lbfgs"), dict(lr=-1.0), dict(epochs=0), dict(betas=(0.9, 1.0)), dict(schedule="step")):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 

@@ -326,9 +326,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   using V = typename IO::V;
   using O = typename V::value_type;
   constexpr int K = IO::kVecs;
-  const ElementCoefficients<O>& c = [&]() -> const ElementCoefficients<O>& {
-    if constexpr (std::is_same_v<O, double>) return t.coeff_double; else return t.coeff_float;
-  }();
+  const auto& c = coefficients_of<Rule, O>(t);
   // The rule's state tensors (adam_math.h, "update rules"): slots 0 .. kNumStates-1; an optional
   // one (past kNumRequiredStates) with a null pointer is absent and neither loaded nor stored.
   constexpr int kStates = Rule::kNumStates;
@@ -389,7 +387,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       // scalar, as torch's is there (bitwise, the tests' AVX2 subprocess).
       constexpr int64_t kTorchTailWidth =
           std::is_same_v<scalar_t, float> ? 8 : std::is_same_v<scalar_t, double> ? 4 : 16;
-      const int64_t vector_end = n - n % kTorchTailWidth;
+      const int64_t vector_end = TorchVectorisedTail<Rule>::value ? n - n % kTorchTailWidth : 0;
       for (int j = 0; j < K; ++j) {
         const int64_t vector_lanes = std::clamp<int64_t>(vector_end - j * V::size(), 0, V::size());
         if (vector_lanes == V::size()) {
@@ -526,6 +524,9 @@ void process_items(const KernelArgs& args, int64_t first, int64_t last) {
       case Algorithm::kAdam: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out, hist_out); break;
       case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdamW>>(args, args.items[k], out, hist_out); break;
       case Algorithm::kAdamax: dispatch_dtype<AdamRule<Algorithm::kAdamax>>(args, args.items[k], out, hist_out); break;
+      case Algorithm::kSgd: dispatch_dtype<SgdRule>(args, args.items[k], out, hist_out); break;
+      case Algorithm::kRmsprop: dispatch_dtype<RmspropRule>(args, args.items[k], out, hist_out); break;
+      case Algorithm::kAdagrad: dispatch_dtype<AdagradRule>(args, args.items[k], out, hist_out); break;
     }
   }
 }

@@ -4,7 +4,10 @@
 
 #include <cstdint>
 
+#include <type_traits>
+
 #include "../adam_math.h"
+#include "../classic_rules.h"
 #include "../kernel_tensor.h"
 
 namespace instrumented_adam::cpu {
@@ -15,7 +18,31 @@ using instrumented_adam::DType;
 struct TensorArgs : ParameterPointers {
   ElementCoefficients<float> coeff_float;    // used for fp32, bf16 and fp16 parameters
   ElementCoefficients<double> coeff_double;  // used for fp64 parameters
+  // The same for the classic rules (SGD, RMSprop, Adagrad: classic_rules.h).
+  ClassicCoefficients<float> classic_float;
+  ClassicCoefficients<double> classic_double;
 };
+
+// The coefficients of `Rule` in the compute type O for one tensor.
+template <class Rule, class O>
+const typename Rule::template Coefficients<O>& coefficients_of(const TensorArgs& t) {
+  using C = typename Rule::template Coefficients<O>;
+  if constexpr (std::is_same_v<C, ElementCoefficients<O>>) {
+    if constexpr (std::is_same_v<O, double>) return t.coeff_double; else return t.coeff_float;
+  } else {
+    static_assert(std::is_same_v<C, ClassicCoefficients<O>>, "a rule's coefficients live in TensorArgs");
+    if constexpr (std::is_same_v<O, double>) return t.classic_double; else return t.classic_float;
+  }
+}
+
+// Whether torch's remainder loop for this rule is partly auto-vectorised by its compiler, with the
+// vector body's rounding in those lanes (Adam's fused kernel; see process_range). A rule whose
+// torch counterpart computes every remainder element alike declares kTorchVectorisedTail = false.
+template <class Rule, class = void>
+struct TorchVectorisedTail : std::true_type {};
+template <class Rule>
+struct TorchVectorisedTail<Rule, std::void_t<decltype(Rule::kTorchVectorisedTail)>>
+    : std::bool_constant<Rule::kTorchVectorisedTail> {};
 
 // A contiguous range of one tensor; the unit of parallel work and of statistics partials.
 struct WorkItem {

@@ -79,6 +79,13 @@ COLUMNS: dict[tuple[str, str], str] = {
     # Every numeric setting of a param group is a column (telemetry.capture.flatten_hyperparameters);
     # booleans are stored as 0/1.
     ("*", "amsgrad"): "AMSGrad variant on (1) or off (0).",
+    ("*", "momentum"): "Momentum μ in force (SGD, RMSprop).",
+    ("*", "dampening"): "SGD's dampening τ of the gradient in the momentum buffer.",
+    ("*", "nesterov"): "1 when SGD uses Nesterov momentum.",
+    ("*", "alpha"): "RMSprop's smoothing constant α of the squared-gradient average.",
+    ("*", "centered"): "1 when RMSprop divides by the centered second moment v − ḡ².",
+    ("*", "lr_decay"): "Adagrad's learning-rate decay: clr = lr / (1 + (t − 1)·lr_decay).",
+    ("*", "initial_accumulator_value"): "Adagrad's starting value of the squared-gradient sum.",
     ("*", "maximize"): "1 when the optimizer maximizes the objective.",
     ("*", "decoupled_weight_decay"): "1 when weight decay is decoupled (AdamW), 0 when added to the gradient (Adam).",
     ("*", "skipped"): "1 when a GradScaler skipped the step (inf/NaN gradients), else 0.",

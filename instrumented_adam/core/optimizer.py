@@ -196,8 +196,10 @@ class _Bookkeeping:
         # step() calls so far, as a 0-d int64 CPU tensor incremented in place: under torch.compile
         # a Python int that step() changes is a guard that fails at every step (a recompile per
         # step, FailOnRecompileLimitHit with fullgraph=True), while an in-place add on a tensor is
-        # one node of the graph. Exact (int64), unlike a float32 counter.
-        self.step_count = torch.full((), int(steps_done), dtype=torch.int64)
+        # one node of the graph. Exact (int64), unlike a float32 counter. One element, not 0-d: with
+        # a 0-d int64 counter mutated in the graph, torch 2.13's inductor CPU code corrupted the heap
+        # in the compiled SGD step of tests/test_classic_statistics.py (dampening and weight decay).
+        self.step_count = torch.full((1,), int(steps_done), dtype=torch.int64)
         self.epochs_done = epochs_done  # end_epoch() calls so far
         # epochs_done > 0, kept as a bool: the step branches on it, and under torch.compile an int
         # counter that changes becomes symbolic, which Dynamo (2.13) fails to compare in a tuple.

@@ -114,16 +114,36 @@ def _add_histogram_option(demo: argparse.ArgumentParser) -> None:
                            "every N steps, shown in the report (0: none; default: 10)")
 
 
+def _add_classic_options(demo: argparse.ArgumentParser) -> None:
+    """Options of the classic optimizers (SGD, RMSprop, Adagrad); the Adam family ignores them."""
+    demo.add_argument("--momentum", type=nonnegative_float,
+                      help="momentum of sgd and rmsprop (default: sgd 0.9, rmsprop 0)")
+    demo.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+
+
+def _optimizer_summary(config: Any) -> str:
+    """The optimizer's own hyperparameters, for the run's header line."""
+    if config.optimizer == "sgd":
+        return f"momentum={config.momentum or 0:g}" + (" nesterov" if config.nesterov else "")
+    if config.optimizer == "rmsprop":
+        return f"momentum={config.momentum or 0:g} eps={config.eps:g}"
+    if config.optimizer == "adagrad":
+        return "eps=1e-10"
+    return f"betas=({config.betas[0]:g}, {config.betas[1]:g}) eps={config.eps:g}"
+
+
 def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     from .tasks import ACTIVATIONS, OPTIMIZERS, SCHEDULES, TASKS
 
     _add_histogram_option(demo)
     demo.add_argument("--task", nargs="+", choices=[*TASKS, "all"], default=["all"], help="tasks to run (default: all)")
     demo.add_argument("--optimizer", nargs="+", choices=list(OPTIMIZERS), default=["adam", "adamax"],
-                      help="optimizers, one run per task each (default: adam adamax)")
+                      help="optimizers, one run per task each (default: adam adamax); the report overlays the "
+                           "runs of one task")
     demo.add_argument("--epochs", type=positive_int, help="epochs per run (default: linreg 100, digits 30)")
     demo.add_argument("--lr", type=positive_float, help="learning rate (default: linreg 0.1; digits 1e-3, Adamax 2e-3)")
     demo.add_argument("--weight-decay", type=nonnegative_float, help="weight decay (default: AdamW 1e-2, others 0)")
+    _add_classic_options(demo)
     demo.add_argument("--betas", type=beta, nargs=2, metavar=("BETA1", "BETA2"), default=(0.9, 0.999), help="default: 0.9 0.999")
     demo.add_argument("--eps", type=positive_float, default=1e-8, help="default: 1e-8")
     demo.add_argument("--batch-size", type=positive_int, help="default: 32")
@@ -395,6 +415,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 optimizer=name, lr=args.lr, weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.eps,
                 epochs=args.epochs, batch_size=args.batch_size, schedule=args.schedule, seed=args.seed,
                 activation=args.activation, histogram_every=args.histogram_every,
+                momentum=args.momentum, nesterov=args.nesterov,
             ))
         except ValueError as e:
             raise UserError(str(e)) from None
@@ -451,7 +472,7 @@ def _demo_run(task, config, store, args: argparse.Namespace, tqdm, steps_per_epo
     label = f"{task.name}-{config.optimizer}"
     print()
     print(f"== {label}: {task.description}")
-    print(f"   {config.optimizer} lr={config.lr:g} betas=({config.betas[0]:g}, {config.betas[1]:g}) eps={config.eps:g} "
+    print(f"   {config.optimizer} lr={config.lr:g} {_optimizer_summary(config)} "
           f"weight_decay={config.weight_decay:g}, {config.schedule} schedule, {config.epochs} epochs x "
           f"{steps_per_epoch} steps (batch {config.batch_size}), seed {config.seed}"
           + (f"; every {every} epochs printed" if every > 1 else ""))

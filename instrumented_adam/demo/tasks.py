@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..analysis.interactive import EPOCH_METRIC_PANELS_KEY
 from ..analysis.surfaces import LOSS_SURFACE_KEY, quadratic_mse
+from ..core import classic as _classic
 from ..core import optimizer as _optim
 from ..telemetry.recorder import Recorder
 from ..telemetry.store import RunStore
@@ -51,7 +52,14 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": _optim.Adam,
     "adamw": _optim.AdamW,
     "adamax": _optim.Adamax,
+    "sgd": _classic.SGD,
+    "rmsprop": _classic.RMSprop,
+    "adagrad": _classic.Adagrad,
 }
+
+#: Momentum when the command line does not say (SGD without momentum is rarely what one compares
+#: with Adam; torch's RMSprop default is none).
+DEFAULT_MOMENTUM: dict[str, float] = {"sgd": 0.9, "rmsprop": 0.0}
 
 #: Learning-rate schedules of the demo (stepped once per epoch).
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
@@ -84,6 +92,8 @@ class TrainConfig:
     seed: int = 0
     activation: str = "tanh"  # digits only (tanh: no dead units, see DigitsTask)
     histogram_every: int = 0  # the optimizer's kernel histograms every N steps (0: none)
+    momentum: float | None = None  # SGD and RMSprop only (None: DEFAULT_MOMENTUM)
+    nesterov: bool = False  # SGD only
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -102,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"the batch size must be >= 1, got {self.batch_size}")
+        if self.momentum is not None and not (0.0 <= self.momentum < 1.0):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
 
@@ -120,7 +132,8 @@ class Task:
     #: Default learning rate per optimizer (Adamax's default in torch is higher: 2e-3).
     default_lr: Mapping[str, float] = {}
     #: Default weight decay per optimizer (AdamW's torch default, 1e-2; none for the others).
-    default_weight_decay: Mapping[str, float] = {"adam": 0.0, "adamw": 1e-2, "adamax": 0.0}
+    default_weight_decay: Mapping[str, float] = {"adam": 0.0, "adamw": 1e-2, "adamax": 0.0, "sgd": 0.0,
+                                                 "rmsprop": 0.0, "adagrad": 0.0}
 
     #: Number of training examples (known without loading the data: for progress bars).
     train_size: int = 0
@@ -162,6 +175,7 @@ class Task:
             weight_decay=config.weight_decay if config.weight_decay is not None else self.default_weight_decay[config.optimizer],
             epochs=config.epochs if config.epochs is not None else self.default_epochs,
             batch_size=config.batch_size if config.batch_size is not None else self.default_batch_size,
+            momentum=config.momentum if config.momentum is not None else DEFAULT_MOMENTUM.get(config.optimizer),
         )
 
 
@@ -189,7 +203,7 @@ class LinearRegressionTask(Task):
     description = "2-parameter linear regression y = m·x + b (MSE)"
     default_epochs = 100
     default_batch_size = 32
-    default_lr = {"adam": 0.1, "adamw": 0.1, "adamax": 0.1}
+    default_lr = {"adam": 0.1, "adamw": 0.1, "adamax": 0.1, "sgd": 0.02, "rmsprop": 0.05, "adagrad": 0.5}
     true_slope, true_intercept, noise = 2.0, -1.0, 0.5
     start = (-1.0, 2.0)
     n_train, n_val = 192, 64
@@ -257,7 +271,7 @@ class DigitsTask(Task):
     description = "MLP 75-50-25 on scikit-learn's 8×8 digits (cross-entropy)"
     default_epochs = 30
     default_batch_size = 32
-    default_lr = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3}
+    default_lr = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3, "sgd": 1e-2, "rmsprop": 1e-3, "adagrad": 1e-2}
     hidden = (75, 50, 25)
     train_size = 1797 - math.ceil(0.2 * 1797)  # train_test_split rounds the test size up
 
@@ -324,7 +338,7 @@ class PVFinderTask(Task):
     description = "PV finding on generated LHCb-like events: KDE → 1D CNN → vertex histogram (asymmetric cost)"
     default_epochs = 20
     default_batch_size = 32
-    default_lr = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3}
+    default_lr = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3, "sgd": 1e-2, "rmsprop": 1e-3, "adagrad": 1e-2}
     #: Evaluation batch (events per forward pass) — bounds the memory of the full-set evaluation.
     eval_batch = 500
 
@@ -444,8 +458,20 @@ class RunResult:
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """The instrumented optimizer named by `config` (lr and weight decay already resolved)."""
     cls = OPTIMIZERS[config.optimizer]
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-               histogram_every=config.histogram_every)
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **optimizer_options(config))
+
+
+def optimizer_options(config: TrainConfig) -> dict[str, Any]:
+    """The options of `config` besides lr and weight decay that its optimizer takes (torch's
+    defaults for the rest: Adagrad keeps its eps of 1e-10)."""
+    if config.optimizer == "sgd":
+        momentum = config.momentum or 0.0
+        return dict(momentum=momentum, nesterov=config.nesterov and momentum > 0)
+    if config.optimizer == "rmsprop":
+        return dict(eps=config.eps, momentum=config.momentum or 0.0)
+    if config.optimizer == "adagrad":
+        return {}
+    return dict(betas=config.betas, eps=config.eps, histogram_every=config.histogram_every)
 
 
 def train_task(
@@ -533,6 +559,7 @@ __all__ = [
     "EPOCH_METRIC_PANELS_KEY",
     "RunResult",
     "make_optimizer",
+    "optimizer_options",
     "train_task",
     "steps_per_epoch",
     "least_squares",

@@ -1,0 +1,350 @@
+// CPU implementation of instrumented_adam::sgd_step, rmsprop_step and adagrad_step (schemas:
+// csrc/ops.cpp): argument checks, per-tensor constants (ClassicCoefficients, classic_rules.h), the
+// (tensor, chunk) work list, one parallel region and the fixed-order fold of the statistics, as
+// adam_cpu.cpp does for the Adam family. The arithmetic is the rules' (classic_rules.h), run by the
+// shared per-ISA harness (adam_kernel_isa.cpp).
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../op_checks.h"
+#include "kernel_args.h"
+
+#include <ATen/Config.h>
+
+// torch's CPU sqrt of float32/float64 tensors is MKL's vsSqrt/vdSqrt (at::vml) when torch is
+// built with MKL: not IEEE's correctly rounded sqrt (an ulp off for ~15% of float32 values). RMSprop
+// calls the same functions, resolved weakly from libtorch_cpu, so that it matches torch bitwise.
+#if AT_MKL_ENABLED()
+extern "C" void vsSqrt(int n, const float* a, float* r) __attribute__((weak));
+extern "C" void vdSqrt(int n, const double* a, double* r) __attribute__((weak));
+#endif
+
+namespace instrumented_adam::cpu {
+namespace {
+
+void (*torch_sqrt_float())(int, const float*, float*) {
+#if AT_MKL_ENABLED()
+  return &vsSqrt;  // null when the symbol is absent
+#else
+  return nullptr;
+#endif
+}
+void (*torch_sqrt_double())(int, const double*, double*) {
+#if AT_MKL_ENABLED()
+  return &vdSqrt;
+#else
+  return nullptr;
+#endif
+}
+
+// As adam_cpu.cpp: a multiple of 64 elements per item, one thread below the grain.
+constexpr int64_t kChunk = 32768;
+constexpr int64_t kParallelGrain = 65536;
+
+double read_one(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
+              " must be a one-element CPU tensor, got shape ", t.sizes(), " on ", t.device());
+  return t.item<double>();
+}
+
+using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
+
+ProcessItems select_isa() {
+  static const ProcessItems chosen = [] {
+    const std::string capability = at::get_cpu_capability();
+#if defined(IA_HAVE_ISA_AVX512)
+    if (capability == "AVX512") return &AVX512::process_items;
+#endif
+#if defined(IA_HAVE_ISA_AVX2)
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::process_items;
+#endif
+    return &DEFAULT::process_items;
+  }();
+  return chosen;
+}
+
+// A state list of the call: `name`, and whether it must hold one tensor per parameter.
+struct StateList {
+  at::TensorList tensors;
+  const char* name;
+  bool used;
+};
+
+// One call of a classic op, device-neutral except for the CPU checks below.
+struct ClassicCall {
+  const char* op;
+  Algorithm algorithm;
+  at::TensorList params, grads;
+  StateList states[kMaxStates];  // in the rule's slot order; unused lists are empty
+  at::TensorList prev_epoch_steps, state_steps;  // state_steps empty for SGD (no counter)
+  bool has_steps;
+  double lr;
+  const std::optional<at::Tensor>& lr_tensor;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& stats;
+  at::IntArrayRef stat_rows;
+};
+
+// Fills t's coefficients for parameter i at step `step` (the counter after its increment, or 0).
+using MakeCoefficients = std::function<void(int64_t i, double lr, double step, at::ScalarType dtype, TensorArgs& t)>;
+
+void check_lists(const ClassicCall& call) {
+  const size_t n = call.params.size();
+  TORCH_CHECK(call.grads.size() == n, "instrumented_adam: ", call.op, ": params and grads must have the same length");
+  for (const StateList& s : call.states) {
+    if (s.name == nullptr) continue;
+    TORCH_CHECK(!s.used || s.tensors.size() == n, "instrumented_adam: ", call.op, ": ", s.name,
+                " must have one tensor per parameter");
+  }
+  TORCH_CHECK(!call.has_steps || call.state_steps.size() == n, "instrumented_adam: ", call.op,
+              ": state_steps must have one tensor per parameter");
+  TORCH_CHECK(call.prev_epoch_steps.empty() || call.prev_epoch_steps.size() == n,
+              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
+  TORCH_CHECK(call.stat_rows.empty() || call.stat_rows.size() == n,
+              "instrumented_adam: stat_rows must be empty or have one row per parameter");
+}
+
+void check_parameter(const ClassicCall& call, int64_t i, const at::Device& device) {
+  const at::Tensor& p = call.params[i];
+  TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but the call is on ",
+              device, "; use one optimizer per device");
+  TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
+              "]); view them as real with torch.view_as_real");
+  TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
+  TORCH_CHECK(call.grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
+  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
+              "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
+  (void)kernel_dtype<DType>(p);  // the supported dtypes, with the shared message
+  check_companion(p, call.grads[i], "grads", i);
+  for (const StateList& s : call.states) {
+    if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
+  }
+  if (!call.prev_epoch_steps.empty()) check_companion(p, call.prev_epoch_steps[i], "prev_epoch_steps", i);
+  if (call.has_steps) {
+    const at::Tensor& step_t = call.state_steps[i];
+    TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
+                    (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
+                "instrumented_adam: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
+  }
+}
+
+void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
+  check_lists(call);
+  const int64_t n = static_cast<int64_t>(call.params.size());
+  const at::Device device(at::kCPU);
+  double* stats_data = nullptr;
+  int64_t stats_rows_total = 0;
+  if (call.stats.has_value()) {
+    stats_rows_total = check_stats_buffer(*call.stats, device, n, call.stat_rows);
+    stats_data = call.stats->data_ptr<double>();
+  }
+  const float* grad_scale_ptr = nullptr;
+  if (call.grad_scale.has_value()) {
+    TORCH_CHECK(call.grad_scale->scalar_type() == at::kFloat && call.grad_scale->numel() == 1 &&
+                    call.grad_scale->device().is_cpu(),
+                "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
+    grad_scale_ptr = call.grad_scale->data_ptr<float>();
+  }
+  const bool skip_step = call.found_inf.has_value() && read_one(*call.found_inf, "found_inf") != 0;
+  const double lr = call.lr_tensor.has_value() ? read_one(*call.lr_tensor, "lr") : call.lr;
+
+  std::vector<TensorArgs> tensors(n);
+  std::vector<WorkItem> items;
+  std::vector<int64_t> item_starts;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    check_parameter(call, i, device);
+    const at::Tensor& p = call.params[i];
+    TensorArgs& t = tensors[i];
+    t.param = p.data_ptr();
+    t.grad = call.grads[i].data_ptr();
+    for (int s = 0; s < kMaxStates; ++s) {
+      const StateList& list = call.states[s];
+      t.state[s] = list.name != nullptr && list.used ? list.tensors[i].data_ptr() : nullptr;
+    }
+    t.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
+    t.numel = p.numel();
+    t.dtype = kernel_dtype<DType>(p);
+    for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
+      items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
+      item_starts.push_back(total + begin);
+    }
+    total += t.numel;
+  }
+
+  // Validated: only now mutate. found_inf skips the whole step (counters and statistics too).
+  if (stats_data) std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
+  if (skip_step) return;
+  for (int64_t i = 0; i < n; ++i) {
+    double step = 0;
+    if (call.has_steps) {
+      const at::Tensor& step_t = call.state_steps[i];
+      if (step_t.scalar_type() == at::kFloat) {
+        float* s = step_t.data_ptr<float>();
+        step = *s += 1.0f;
+      } else {
+        double* s = step_t.data_ptr<double>();
+        step = *s += 1.0;
+      }
+    }
+    make(i, lr, step, call.params[i].scalar_type(), tensors[i]);
+  }
+
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
+  KernelArgs args{call.algorithm, stats_data != nullptr, !call.prev_epoch_steps.empty(),
+                  grad_scale_ptr, tensors.data(),        items.data(),
+                  item_stats.data()};
+  const auto process_items = select_isa();
+  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
+    const auto first = std::lower_bound(item_starts.begin(), item_starts.end(), begin) - item_starts.begin();
+    const auto last = std::lower_bound(item_starts.begin(), item_starts.end(), end) - item_starts.begin();
+    process_items(args, first, last);
+  });
+  if (stats_data) {
+    for (int64_t k = 0; k < num_items; ++k) {
+      const int64_t tensor = items[k].tensor;
+      double* row = stats_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kNumStats;
+      const double* partial = item_stats.data() + k * kNumStats;
+      for (int s = 0; s < kNumStats; ++s) {
+        row[s] = items[k].begin == 0 ? partial[s] : combine_partials(s, row[s], partial[s]);
+      }
+    }
+  }
+}
+
+// x rounded to the storage type of a bf16/fp16 parameter and back (torch's `fVec(scalar_t(x))`).
+float round_to_storage(double x, at::ScalarType dtype) {
+  const float f = static_cast<float>(x);
+  if (dtype == at::kBFloat16) return static_cast<float>(c10::BFloat16(f));
+  if (dtype == at::kHalf) return static_cast<float>(c10::Half(f));
+  return f;
+}
+
+template <class O>
+ClassicCoefficients<O> zero_coefficients() {
+  ClassicCoefficients<O> c{};
+  return c;
+}
+
+// Both compute types from the double values; `vector_rounding` rounds the vector body's copies of
+// lr, weight decay and eps to a reduced storage type as torch's fused Adagrad does.
+void fill_common(TensorArgs& t, double lr, double weight_decay, double eps, bool maximize, at::ScalarType dtype,
+                 bool vector_rounding) {
+  auto& f = t.classic_float;
+  auto& d = t.classic_double;
+  f = zero_coefficients<float>();
+  d = zero_coefficients<double>();
+  const bool reduced = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const auto vec = [&](double x) { return vector_rounding && reduced ? round_to_storage(x, dtype) : static_cast<float>(x); };
+  f.lr = vec(lr);
+  f.neg_lr = vector_rounding && reduced ? -vec(lr) : static_cast<float>(-lr);
+  f.weight_decay = vec(weight_decay);
+  f.eps = vec(eps);
+  f.tail_lr = static_cast<float>(lr);
+  f.tail_weight_decay = static_cast<float>(weight_decay);
+  f.tail_eps = static_cast<float>(eps);
+  d.lr = d.tail_lr = lr;
+  d.neg_lr = -lr;
+  d.weight_decay = d.tail_weight_decay = weight_decay;
+  d.eps = d.tail_eps = eps;
+  f.has_weight_decay = d.has_weight_decay = weight_decay != 0;
+  f.maximize = d.maximize = maximize;
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList prev_epoch_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                  double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                  at::IntArrayRef first_step, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                  at::IntArrayRef stat_rows) {
+  const bool has_momentum = momentum != 0;
+  TORCH_CHECK(first_step.empty() || first_step.size() == params.size(),
+              "instrumented_adam: sgd_step: first_step must be empty or have one entry per parameter");
+  const ClassicCall call{"sgd_step", Algorithm::kSgd, params, grads,
+                         {{momentum_buffers, "momentum_buffers", has_momentum}, {{}, nullptr, false}, {{}, nullptr, false}},
+                         prev_epoch_steps, {}, false, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows};
+  run_classic(call, [&](int64_t i, double lr_now, double, at::ScalarType dtype, TensorArgs& t) {
+    fill_common(t, lr_now, weight_decay, 0.0, maximize, dtype, false);
+    const bool first = !first_step.empty() && first_step[i] != 0;
+    t.classic_float.momentum = static_cast<float>(momentum);
+    t.classic_float.one_minus_dampening = static_cast<float>(1 - dampening);
+    t.classic_double.momentum = momentum;
+    t.classic_double.one_minus_dampening = 1 - dampening;
+    t.classic_float.has_momentum = t.classic_double.has_momentum = has_momentum;
+    t.classic_float.nesterov = t.classic_double.nesterov = nesterov;
+    t.classic_float.first_step = t.classic_double.first_step = first;
+  });
+}
+
+void rmsprop_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                      at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList prev_epoch_steps,
+                      at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor, double alpha,
+                      double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& stats, at::IntArrayRef stat_rows) {
+  const bool has_momentum = momentum > 0;
+  const ClassicCall call{"rmsprop_step", Algorithm::kRmsprop, params, grads,
+                         {{square_avgs, "square_avgs", true},
+                          {momentum_buffers, "momentum_buffers", has_momentum},
+                          {grad_avgs, "grad_avgs", centered}},
+                         prev_epoch_steps, state_steps, true, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows};
+  run_classic(call, [&](int64_t, double lr_now, double, at::ScalarType dtype, TensorArgs& t) {
+    fill_common(t, lr_now, weight_decay, eps, maximize, dtype, false);
+    const auto set = [&](auto& c, auto cast) {
+      using O = decltype(cast(0.0));
+      c.alpha = O(alpha);
+      c.one_minus_alpha = O(1 - alpha);
+      c.momentum = O(momentum);
+      // grad_avg.lerp_(grad, 1 - alpha): torch's lerp rounds the weight, then picks its end.
+      const O weight = O(1 - alpha);
+      c.lerp_from_grad = !(std::abs(weight) < O(0.5));
+      c.lerp_coeff = c.lerp_from_grad ? weight - O(1) : weight;
+      c.has_momentum = has_momentum;
+      c.centered = centered;
+    };
+    set(t.classic_float, [](double x) { return static_cast<float>(x); });
+    // bf16/fp16: torch's sqrt of those is its own vectorised IEEE sqrt in fp32.
+    if (dtype == at::kFloat) t.classic_float.cpu_sqrt = torch_sqrt_float();
+    if (dtype == at::kDouble) t.classic_double.cpu_sqrt = torch_sqrt_double();
+    set(t.classic_double, [](double x) { return x; });
+  });
+}
+
+void adagrad_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                      at::TensorList prev_epoch_steps, at::TensorList state_steps, double lr,
+                      const std::optional<at::Tensor>& lr_tensor, double lr_decay, double weight_decay, double eps,
+                      bool maximize, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                      at::IntArrayRef stat_rows) {
+  const ClassicCall call{"adagrad_step", Algorithm::kAdagrad, params, grads,
+                         {{state_sums, "state_sums", true}, {{}, nullptr, false}, {{}, nullptr, false}},
+                         prev_epoch_steps, state_steps, true, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows};
+  run_classic(call, [&](int64_t, double lr_now, double step, at::ScalarType dtype, TensorArgs& t) {
+    // torch: clr = lr / (1 + (step - 1) * lr_decay) in double, with the float32 counter's value.
+    const double clr = lr_now / (1.0 + (step - 1.0) * lr_decay);
+    fill_common(t, clr, weight_decay, eps, maximize, dtype, true);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instrumented_adam, CPU, m) {
+  m.impl("sgd_step", &sgd_step_cpu);
+  m.impl("rmsprop_step", &rmsprop_step_cpu);
+  m.impl("adagrad_step", &adagrad_step_cpu);
+}
+
+}  // namespace instrumented_adam::cpu
