@@ -808,7 +808,8 @@ class Adam(_Instrumented, torch.optim.Adam):
     """torch.optim.Adam with a fused, instrumented step.
 
     Same arguments, defaults and state_dict as `torch.optim.Adam` (its checkpoints load, and
-    ours load into it), plus keyword-only `statistics` and `epoch_geometry`. The update runs
+    ours load into it), plus keyword-only `statistics`, `epoch_geometry`, `epoch_buffers` and
+    `distance_from_init` (see the module docstring). The update runs
     through the fused kernel (`foreach`/`fused` are accepted for compatibility): fp32 parameters
     follow `torch.optim.Adam(fused=True)` bitwise. With `differentiable=True` it runs torch's
     differentiable single-tensor math instead (bitwise `torch.optim.Adam(differentiable=True)`,
