@@ -7,7 +7,9 @@
 `stats` is printed too. No optimizer, no Python step logic, one fp32 tensor: what remains is the kernel and the fixed cost
 of one op call. Interleaved rounds; prints the minimum (the least disturbed run, best for
 comparing kernel versions on a busy machine) and the median, both in ms, the ratio of the
-minima to torch's fused kernel and the effective GB/s (28 B/element).
+minima to torch's fused kernel and the effective GB/s (28 B/element). Configurations: torch,
+ours with statistics off, all statistics, + the previous-epoch dot with s_{k-1} in fp32 (prev,
+the exact epoch buffers) and in bf16 (prev16, the compact default).
 Set ATEN_CPU_CAPABILITY=avx2 (or default) to time another instruction-set build.
 """
 
@@ -42,14 +44,15 @@ def main() -> None:
 
     grads = [torch.randn(n)]
     prev = [torch.randn(n) * 1e-3]
+    prev_bf16 = [prev[0].to(torch.bfloat16)]  # the compact epoch buffers' previous step
     stats = torch.zeros(1, NUM_STATS, dtype=torch.float64)
     histograms = torch.zeros(1, HISTOGRAM_KINDS, HISTOGRAM_BINS, dtype=torch.int64)
     kw = dict(algorithm=0, lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
               amsgrad=False, maximize=False, grad_scale=None, found_inf=None, stat_rows=[])
 
-    def ours(with_stats: bool, with_prev: bool, with_hist: bool = False):
+    def ours(with_stats: bool, with_prev: list, with_hist: bool = False):
         p, m, v, s = fresh()
-        return lambda: op(p, grads, m, v, [], prev if with_prev else [], s, stats=stats if with_stats else None,
+        return lambda: op(p, grads, m, v, [], with_prev, s, stats=stats if with_stats else None,
                           histograms=histograms if with_hist else None, **kw)
 
     def torch_fused():
@@ -57,8 +60,8 @@ def main() -> None:
         return lambda: torch._fused_adam_(p, grads, m, v, [], s, amsgrad=False, lr=1e-3, beta1=0.9, beta2=0.999,
                                           weight_decay=0.0, eps=1e-8, maximize=False)
 
-    fns = {"torch": torch_fused(), "off": ours(False, False), "stats": ours(True, False), "prev": ours(True, True),
-           "hist": ours(True, False, True)}
+    fns = {"torch": torch_fused(), "off": ours(False, []), "stats": ours(True, []), "prev": ours(True, prev),
+           "prev16": ours(True, prev_bf16), "hist": ours(True, [], True)}
     for f in fns.values():
         for _ in range(3):
             f()

@@ -20,13 +20,15 @@ Configurations (all Adam, lr=1e-3, default betas/eps, no weight decay):
   ours_off         instrumented_adam.Adam(statistics=False)           the plain fused update
   ours_stats       instrumented_adam.Adam(statistics=True)            all per-step statistics
   ours_stats_prev  ... + epoch_geometry, end_epoch() called once       + Σ Δθ·s_{k-1} (reads s_{k-1})
+                   (the default compact epoch buffers: s_{k-1} in bf16, 2 B/element)
+  ours_stats_prev_exact  the same with epoch_buffers="exact" (s_{k-1} in fp32, 4 B/element)
   hand_telemetry   torch fused Adam + what a user writes by hand today: snapshot θ before the step,
                    Δθ after it, _foreach_norm of grads, params and Δθ, and Δθ·g per tensor
                    (preallocated buffers, no host synchronisation)
 
 Effective bandwidth uses the 28 bytes/element model of fp32 Adam (read p, g, m, v; write p, m, v)
 for every configuration, so GB/s compares work done per second; ours_stats_prev really moves
-32 B/element and hand_telemetry about 68.
+30 B/element (32 when exact) and hand_telemetry about 68.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ import time
 from pathlib import Path
 
 BYTES_PER_ELEMENT = 28
-CONFIGS = ("torch_fused", "torch_foreach", "ours_off", "ours_stats", "ours_stats_prev", "hand_telemetry")
+CONFIGS = ("torch_fused", "torch_foreach", "ours_off", "ours_stats", "ours_stats_prev", "ours_stats_prev_exact",
+           "hand_telemetry")
 SMALL_CONFIGS = ("torch_fused", "torch_default", "ours_off", "ours_stats")
 COLUMN_HELP = {
     "torch_fused": "torch.optim.Adam(fused=True)",
@@ -55,6 +58,7 @@ COLUMN_HELP = {
     "ours_off": "instrumented_adam.Adam(statistics=False)",
     "ours_stats": "instrumented_adam.Adam(), all statistics",
     "ours_stats_prev": "instrumented_adam.Adam(), all statistics + update_dot_prev_epoch (after end_epoch())",
+    "ours_stats_prev_exact": "the same with epoch_buffers='exact' (s_{k-1} in fp32, 4 B/element instead of 2)",
     "hand_telemetry": "torch fused Adam + snapshot + _foreach_norm(grads, params, updates) + update·grad dots",
 }
 
@@ -277,8 +281,9 @@ def make_optimizer(name: str, params):
         return ia.Adam(params, lr=lr, statistics=False, epoch_geometry=False)
     if name == "ours_stats":
         return ia.Adam(params, lr=lr, statistics=True, epoch_geometry=False)
-    if name == "ours_stats_prev":
-        opt = ia.Adam(params, lr=lr, statistics=True, epoch_geometry=True)
+    if name in ("ours_stats_prev", "ours_stats_prev_exact"):
+        buffers = "exact" if name == "ours_stats_prev_exact" else "compact"
+        opt = ia.Adam(params, lr=lr, statistics=True, epoch_geometry=True, epoch_buffers=buffers)
         opt.step()  # creates the state and the epoch-start snapshot
         opt.end_epoch()  # creates s_{k-1}: from now on every step also reads it
         return opt

@@ -47,6 +47,7 @@ struct AdamStepCall {
     t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].const_data_ptr();
     t.numel = p.numel();
     t.dtype = kernel_dtype<DType>(p);
+    t.prev_dtype = prev_epoch_steps.empty() ? t.dtype : kernel_dtype<DType>(prev_epoch_steps[i]);
   }
 
   // Parameter i and its companions on `device` (op_checks.h).

@@ -24,9 +24,12 @@ struct ParameterPointers {
   // The rule's state tensors in the order its kNumStates declares them (adam_math.h, "update
   // rules"); null for an absent optional state (amsgrad's max_exp_avg_sq) and past kNumStates.
   void* state[kMaxStates];
-  const void* prev_step;  // previous epoch's step s_{k-1} (same dtype as param) or null
+  const void* prev_step;  // previous epoch's step s_{k-1} or null
   int64_t numel;
   DType dtype;
+  // Storage type of prev_step: the parameter's own, or kBFloat16 for any parameter type (compact
+  // epoch buffers: the previous-epoch dot then reads 2 B/element; docs/design.md, "Epoch geometry").
+  DType prev_dtype;
 };
 
 }  // namespace instrumented_adam

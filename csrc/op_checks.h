@@ -44,16 +44,25 @@ inline void check_list_lengths(at::TensorList params, at::TensorList grads, at::
 
 // Every tensor the kernel reads for a parameter must share the parameter's device, dtype, size and
 // memory layout (any dense layout: the kernels walk the underlying storage linearly).
-inline void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i) {
+// allow_bfloat16: `other` may also be bfloat16 (a compact previous-epoch step, check_prev_step).
+inline void check_companion(const at::Tensor& param, const at::Tensor& other, const char* what, int64_t i,
+                            bool allow_bfloat16 = false) {
   TORCH_CHECK(other.device() == param.device(), "instrumented_adam: ", what, "[", i, "] is on ", other.device(),
               " but its parameter is on ", param.device());
-  TORCH_CHECK(other.scalar_type() == param.scalar_type(), "instrumented_adam: ", what, "[", i, "] has dtype ",
-              other.scalar_type(), " but its parameter has dtype ", param.scalar_type());
+  TORCH_CHECK(other.scalar_type() == param.scalar_type() || (allow_bfloat16 && other.scalar_type() == at::kBFloat16),
+              "instrumented_adam: ", what, "[", i, "] has dtype ", other.scalar_type(),
+              " but its parameter has dtype ", param.scalar_type(), allow_bfloat16 ? " (or bfloat16)" : "");
   TORCH_CHECK(other.sizes().equals(param.sizes()), "instrumented_adam: ", what, "[", i, "] has shape ",
               other.sizes(), " but its parameter has shape ", param.sizes());
   TORCH_CHECK(other.numel() == 0 || other.strides().equals(param.strides()), "instrumented_adam: ", what, "[", i,
               "] has strides ", other.strides(), " but its parameter has strides ", param.strides(),
               " (the Python optimizer re-lays such tensors out before calling the op)");
+}
+
+// The previous epoch's step of a parameter: a companion except that it may also be stored in
+// bfloat16 whatever the parameter's dtype (compact epoch buffers).
+inline void check_prev_step(const at::Tensor& param, const at::Tensor& prev, const char* what, int64_t i) {
+  check_companion(param, prev, what, i, /*allow_bfloat16=*/true);
 }
 
 // Parameter i and the tensors that go with it, on `device`.
@@ -72,7 +81,7 @@ inline void check_parameter(const at::Tensor& p, int64_t i, const at::Device& de
   check_companion(p, exp_avgs[i], "exp_avgs", i);
   check_companion(p, second_moments[i], "second_moments", i);
   if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);
-  if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
+  if (!prev_epoch_steps.empty()) check_prev_step(p, prev_epoch_steps[i], "prev_epoch_steps", i);
 }
 
 // The statistics buffer: [rows, kNumStats] float64, contiguous, on `device`; parameter i writes row

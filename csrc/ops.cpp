@@ -50,7 +50,9 @@ TORCH_LIBRARY(instrumented_adam, m) {
 
   // The epoch boundary, per tensor i, in float64: s = θ − start; out[i] = (‖s‖², ⟨s, prev⟩, ‖prev‖²,
   // ‖θ − initial‖², ‖s as stored‖²) with ⟨s, prev⟩ = ‖prev‖² = 0 unless has_prev; then prev ← s
-  // (rounded to θ's dtype) and start ← θ. out: [n, 5] float64.
+  // (rounded to prev's dtype: θ's, or bfloat16) and start ← θ. initial (θ's dtype or bfloat16) may
+  // be an empty list: the distance is then NaN. out: [n, 5] float64.
+  // adam_step's prev_epoch_steps may likewise be bfloat16 for any parameter dtype.
   m.def(
       "epoch_geometry(Tensor[] params, Tensor(a!)[] epoch_starts, Tensor(b!)[] prev_steps, "
       "Tensor[] initial_params, bool has_prev, Tensor(c!) out) -> ()");

@@ -31,7 +31,8 @@ def test_geometry_over_epochs_with_params_missing_grads():
     in a second group."""
     sizes = (7, 33, 5, 1000)
     params = make_params(sizes)
-    opt = ia.Adam([dict(params=params[:3]), dict(params=params[3:], lr=3e-3, weight_decay=0.1)], lr=1e-2)
+    opt = ia.Adam([dict(params=params[:3]), dict(params=params[3:], lr=3e-3, weight_decay=0.1)], lr=1e-2,
+                  epoch_buffers="exact")  # the exact figures; compact: tests/test_epoch_buffers.py
     bank = GradBank(sizes)
     has_grad = {  # epoch -> which params get a gradient
         0: {0},
@@ -102,7 +103,7 @@ def test_geometry_other_dtypes(dtype):
     those of the stored (rounded) step, to 1e-6; ‖s_k‖² and the distance are exact in float64."""
     sizes = (9, 40)
     params = make_params(sizes, dtype)
-    opt = ia.AdamW(params, lr=1e-2)
+    opt = ia.AdamW(params, lr=1e-2, epoch_buffers="exact")
     bank = GradBank(sizes, dtype)
     theta0 = [f64(p) for p in params]
     start = [f64(p) for p in params]
@@ -142,7 +143,7 @@ def test_end_epoch_before_any_step():
     the real first epoch a 'second' one): end_epoch() warns and returns None, and the next epoch
     is the first, measured from θ_0."""
     params = make_params((5, 6))
-    opt = ia.Adam(params, lr=1e-2)
+    opt = ia.Adam(params, lr=1e-2, epoch_buffers="exact")
     with pytest.warns(UserWarning, match="without a step"):
         assert opt.end_epoch() is None
     assert opt.epochs_done == 0

@@ -316,7 +316,7 @@ def test_update_dot_prev_epoch_after_boundary():
     """After an epoch boundary each step is dotted with the previous epoch's step s_{k-1}."""
     sizes = (7, 33, 1000)
     params = make_params(sizes)
-    opt = ia.Adam(params, lr=1e-2)
+    opt = ia.Adam(params, lr=1e-2, epoch_buffers="exact")  # s_{k-1} as computed (compact: test_epoch_buffers.py)
     bank = GradBank(sizes)
     start = [p.clone() for p in params]  # θ when instrumentation began (the first step)
     for t in range(5):

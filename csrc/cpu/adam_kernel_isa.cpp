@@ -82,6 +82,44 @@ struct Io<c10::BFloat16> : ReducedIo<c10::BFloat16> {};
 template <>
 struct Io<c10::Half> : ReducedIo<c10::Half> {};
 
+// Loads the previous epoch's step, stored as prev_t, as one SIMD step of scalar_t's compute
+// vectors: the parameter's own type (Io), or bfloat16 for any parameter type (compact epoch
+// buffers, 2 B/element). bf16 → fp32 is exact (the bf16 bits are the high half of the fp32 ones):
+// on AVX2/AVX-512 a widening load and a shift, as cheap as an fp32 load; elsewhere lane by lane.
+template <class scalar_t, class prev_t>
+struct PrevIo {
+  using IO = Io<scalar_t>;
+  using V = typename IO::V;
+  using O = typename V::value_type;
+  static void load(const prev_t* p, int64_t n, V* out) {
+    if constexpr (std::is_same_v<prev_t, scalar_t>) {
+      IO::load(p, n, out);
+    } else {
+      static_assert(std::is_same_v<prev_t, c10::BFloat16>, "a previous step is the parameter's type or bfloat16");
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n == IO::kStep) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+          return;
+        }
+      }
+#elif defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n == IO::kStep) {
+          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+          out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+          return;
+        }
+      }
+#endif
+      alignas(64) O lanes[IO::kVecs * V::size()] = {};
+      for (int64_t l = 0; l < n; ++l) lanes[l] = static_cast<O>(static_cast<float>(p[l]));
+      for (int j = 0; j < IO::kVecs; ++j) out[j] = V::loadu(lanes + j * V::size());
+    }
+  }
+};
+
 template <class V>
 typename V::value_type horizontal_min(const V& v) {
   using T = typename V::value_type;
@@ -317,8 +355,9 @@ struct SimdStats {
 constexpr int64_t kPrefetchBytes = 2048;
 
 // kHist (only with kStats): also the step's histograms (histogram.h) into hist_out; a template flag,
-// so the loop of a step without histograms is compiled exactly as before.
-template <class scalar_t, class Rule, bool kStats, bool kPrevDot, bool kHist = false>
+// so the loop of a step without histograms is compiled exactly as before. prev_t: how the previous
+// epoch's step is stored (the parameter's type, or bfloat16 with compact epoch buffers).
+template <class scalar_t, class Rule, bool kStats, bool kPrevDot, bool kHist = false, class prev_t = scalar_t>
 void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, int64_t end, double* out,
                    int64_t* hist_out = nullptr) {
   static_assert(kStats || !kHist, "histograms are taken on statistics steps");
@@ -339,7 +378,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   auto* grad = static_cast<scalar_t*>(t.grad);
   scalar_t* state[kMaxStates];
   for (int s = 0; s < kMaxStates; ++s) state[s] = s < kStates ? static_cast<scalar_t*>(t.state[s]) : nullptr;
-  auto* prev_step = static_cast<const scalar_t*>(t.prev_step);
+  auto* prev_step = static_cast<const prev_t*>(t.prev_step);
   const float* grad_scale = args.grad_scale;
 
   typename SimdStats<V>::Block kept_block;
@@ -363,7 +402,7 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
       IO::load(state[s] + i, len, loaded);
       for (int j = 0; j < K; ++j) st[j][s] = loaded[j];
     }
-    if constexpr (kPrevDot) IO::load(prev_step + i, len, prev);
+    if constexpr (kPrevDot) PrevIo<scalar_t, prev_t>::load(prev_step + i, len, prev);
     if (grad_scale) {
       for (int j = 0; j < K; ++j) g[j] = g[j] / V(O(*grad_scale));
       IO::store(grad + i, len, g);
@@ -492,11 +531,22 @@ void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem&
     process_range<scalar_t, Rule, false, false>(args, t, item.begin, item.end, out);
   } else if (hist_out != nullptr) {
     if (args.prev_dot && t.prev_step != nullptr) {
+      if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
+          return process_range<scalar_t, Rule, true, true, true, c10::BFloat16>(args, t, item.begin, item.end, out,
+                                                                               hist_out);
+        }
+      }
       process_range<scalar_t, Rule, true, true, true>(args, t, item.begin, item.end, out, hist_out);
     } else {
       process_range<scalar_t, Rule, true, false, true>(args, t, item.begin, item.end, out, hist_out);
     }
   } else if (args.prev_dot && t.prev_step != nullptr) {
+    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
+        return process_range<scalar_t, Rule, true, true, false, c10::BFloat16>(args, t, item.begin, item.end, out);
+      }
+    }
     process_range<scalar_t, Rule, true, true>(args, t, item.begin, item.end, out);
   } else {
     process_range<scalar_t, Rule, true, false>(args, t, item.begin, item.end, out);

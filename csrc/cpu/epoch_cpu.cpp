@@ -2,7 +2,9 @@
 // tensor, float64 accumulation (separate multiply and add: the glue is built with
 // -ffp-contract=off, and std::fma would be a library call without -mfma), per-chunk partials reduced in chunk order (the
 // figures do not depend on the thread count, and sum_of_squares reproduces epoch_geometry's last
-// column bit for bit). Once per epoch, so plain scalar loops: memory-bound anyway.
+// column bit for bit). Once per epoch, so plain scalar loops: memory-bound anyway. The previous
+// step and θ₀ may be stored in bfloat16 (compact epoch buffers); θ_end is always the parameter's
+// type; without θ₀ (an empty initial_params list) the distance column is NaN.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -11,6 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../op_checks.h"
@@ -52,13 +56,16 @@ void for_each_chunk(const std::vector<int64_t>& numels, int columns, double* out
   }
 }
 
-template <class T>
+// T: the parameter's type (and θ_end's, which stays exact); P: the previous step's storage type
+// (T, or bfloat16 for compact buffers); I: θ₀'s (T or bfloat16), ignored without θ₀ (then the
+// distance column is NaN: not measured).
+template <class T, class P, class I>
 void epoch_range(const at::Tensor& theta_t, const at::Tensor& start_t, const at::Tensor& prev_t,
-                 const at::Tensor& initial_t, bool has_prev, const Range& r, double* acc) {
+                 const at::Tensor* initial_t, bool has_prev, const Range& r, double* acc) {
   const T* theta = static_cast<const T*>(theta_t.const_data_ptr());
   T* start = static_cast<T*>(start_t.data_ptr());
-  T* prev = static_cast<T*>(prev_t.data_ptr());
-  const T* initial = static_cast<const T*>(initial_t.const_data_ptr());
+  P* prev = static_cast<P*>(prev_t.data_ptr());
+  const I* initial = initial_t != nullptr ? static_cast<const I*>(initial_t->const_data_ptr()) : nullptr;
   double step = 0, dot = 0, prev_sq = 0, dist = 0, stored_sq = 0;
   for (int64_t i = r.begin; i < r.end; ++i) {
     const double t = static_cast<double>(theta[i]);
@@ -69,9 +76,12 @@ void epoch_range(const at::Tensor& theta_t, const at::Tensor& start_t, const at:
       dot += s * q;
       prev_sq += q * q;
     }
-    const double d = t - static_cast<double>(initial[i]);
-    dist += d * d;
-    const T stored = static_cast<T>(s);
+    if (initial != nullptr) {
+      const double d = t - static_cast<double>(initial[i]);
+      dist += d * d;
+    }
+    // Rounded as torch's copy_ rounds a double (to float, then to P): the torch path gives the same bits.
+    const P stored = static_cast<P>(s);
     const double sd = static_cast<double>(stored);
     stored_sq += sd * sd;
     prev[i] = stored;
@@ -80,7 +90,7 @@ void epoch_range(const at::Tensor& theta_t, const at::Tensor& start_t, const at:
   acc[0] = step;
   acc[1] = dot;
   acc[2] = prev_sq;
-  acc[3] = dist;
+  acc[3] = initial != nullptr ? dist : std::numeric_limits<double>::quiet_NaN();
   acc[4] = stored_sq;
 }
 
@@ -119,12 +129,26 @@ void check_dense_cpu(const at::Tensor& t, const char* what, int64_t i) {
               "instrumented_adam: ", what, "[", i, "] must be a dense real CPU tensor");
 }
 
+// A previous-step or θ₀ buffer: the parameter's type or bfloat16 (compact epoch buffers).
+void check_epoch_buffer(const at::Tensor& param, const at::Tensor& buffer, const char* what, int64_t i) {
+  check_companion(param, buffer, what, i, /*allow_bfloat16=*/true);
+}
+
+template <class Fn>
+void dispatch_same_or_bf16(const at::Tensor& param, const at::Tensor* buffer, Fn fn) {
+  dispatch_type(param, [&](auto tag) {
+    using T = decltype(tag);
+    if (buffer != nullptr && buffer->scalar_type() == at::kBFloat16) fn(tag, c10::BFloat16{}); else fn(tag, T{});
+  });
+}
+
 void epoch_geometry_cpu(at::TensorList params, at::TensorList epoch_starts, at::TensorList prev_steps,
                         at::TensorList initial_params, bool has_prev, const at::Tensor& out) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(epoch_starts.size() == params.size() && prev_steps.size() == params.size() &&
-                  initial_params.size() == params.size(),
-              "instrumented_adam: params, epoch starts, previous steps and initial params must have the same length");
+                  (initial_params.empty() || initial_params.size() == params.size()),
+              "instrumented_adam: params, epoch starts and previous steps must have the same length, and initial "
+              "params the same or none");
   check_out(out, n, kEpochColumns);
   std::vector<int64_t> numels;
   for (int64_t i = 0; i < n; ++i) {
@@ -133,14 +157,21 @@ void epoch_geometry_cpu(at::TensorList params, at::TensorList epoch_starts, at::
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "instrumented_adam: params[", i, "] has unsupported dtype ", dtype);
     check_companion(params[i], epoch_starts[i], "epoch_starts", i);
-    check_companion(params[i], prev_steps[i], "prev_steps", i);
-    check_companion(params[i], initial_params[i], "initial_params", i);
+    check_epoch_buffer(params[i], prev_steps[i], "prev_steps", i);
+    if (!initial_params.empty()) check_epoch_buffer(params[i], initial_params[i], "initial_params", i);
     numels.push_back(params[i].numel());
   }
+  const bool has_initial = !initial_params.empty();
   for_each_chunk(numels, kEpochColumns, out.data_ptr<double>(), [&](const Range& r, double* acc) {
     const int64_t i = r.tensor;
-    dispatch_type(params[i], [&](auto tag) {
-      epoch_range<decltype(tag)>(params[i], epoch_starts[i], prev_steps[i], initial_params[i], has_prev, r, acc);
+    const at::Tensor* initial = has_initial ? &initial_params[i] : nullptr;
+    dispatch_same_or_bf16(params[i], &prev_steps[i], [&](auto tag, auto prev_tag) {
+      using T = decltype(tag);
+      using P = decltype(prev_tag);
+      dispatch_same_or_bf16(params[i], initial, [&](auto, auto initial_tag) {
+        epoch_range<T, P, decltype(initial_tag)>(params[i], epoch_starts[i], prev_steps[i], initial, has_prev, r,
+                                                 acc);
+      });
     });
   });
 }

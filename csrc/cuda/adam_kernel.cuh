@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../histogram.h"
 #include "../stats_accumulate.h"
@@ -190,7 +191,7 @@ struct AdamFamilyRule {
 
 // One element: unscale (and store back) the gradient, update, store, accumulate the statistics.
 // The values live in the caller's registers (a vector's lanes) in the storage type.
-template <class T, class R, bool kStats, bool kPrev, bool kHist = false>
+template <class T, class R, bool kStats, bool kPrev, bool kHist = false, class P = T>
 struct ElementStep {
   using O = typename Traits<T>::O;
   static constexpr int kStates = R::kNumStates;
@@ -207,9 +208,10 @@ struct ElementStep {
     if (unscale) scale = static_cast<O>(*s.grad_scale);
   }
 
-  // state_s: the rule's state values in the storage type, slots 0 .. kStates-1 (the rest unused).
+  // state_s: the rule's state values in the storage type, slots 0 .. kStates-1 (the rest unused);
+  // prev_s: the previous epoch's step in its storage type P (T, or bf16: compact epoch buffers).
   // hist: the block's shared [kNumHistograms][kHistBins] counts (kHist only).
-  __device__ __forceinline__ void operator()(T& p_s, T& g_s, T (&state_s)[kMaxStates], const T& prev_s,
+  __device__ __forceinline__ void operator()(T& p_s, T& g_s, T (&state_s)[kMaxStates], const P& prev_s,
                                              O* acc, unsigned int* hist = nullptr) const {
     O g = Traits<T>::load(g_s);
     if (unscale) {
@@ -228,7 +230,7 @@ struct ElementStep {
     for (int k = 0; k < kStates; ++k) state_s[k] = Traits<T>::store(state[k]);
     if constexpr (kStats) {
       const O p_new = Traits<T>::load(p_s);  // the value as stored: Δθ is the change actually applied
-      const O prev = kPrev ? Traits<T>::load(prev_s) : O(0);
+      const O prev = kPrev ? static_cast<O>(Traits<P>::load(prev_s)) : O(0);
       const O first_moment = kFirstMoment >= 0 ? state[kFirstMoment < 0 ? 0 : kFirstMoment] : O(0);
       DirectAccumulator<O> stats{acc, rule.step_size()};
       contribute<kPrev>(stats, Observed<O>{g, first_moment, moment, denom, p_new - p_old, p_new, prev});
@@ -272,20 +274,37 @@ __device__ __forceinline__ void block_reduce(double (&x)[kNumStats]) {
   }
 }
 
-// kOnHist / kOnPrevHist: statistics steps that also take the histograms (histogram.h).
-enum class Stats : int { kOff, kOn, kOnPrev, kOnHist, kOnPrevHist };
+// kOnPrevBf16*: the previous epoch's steps are stored in bfloat16 whatever T is (compact epoch
+// buffers); *Hist: statistics steps that also take the histograms (histogram.h).
+enum class Stats : int { kOff, kOn, kOnPrev, kOnPrevBf16, kOnHist, kOnPrevHist, kOnPrevBf16Hist };
+
+__host__ __device__ constexpr bool stats_prev(Stats m) {
+  return m == Stats::kOnPrev || m == Stats::kOnPrevBf16 || m == Stats::kOnPrevHist || m == Stats::kOnPrevBf16Hist;
+}
+__host__ __device__ constexpr bool stats_hist(Stats m) {
+  return m == Stats::kOnHist || m == Stats::kOnPrevHist || m == Stats::kOnPrevBf16Hist;
+}
+__host__ __device__ constexpr bool stats_prev_bf16(Stats m) { return m == Stats::kOnPrevBf16 || m == Stats::kOnPrevBf16Hist; }
+// The mode of a tensor whose previous step is stored in bfloat16 in a call of mode m.
+__host__ __device__ constexpr Stats with_prev_bf16(Stats m) {
+  return m == Stats::kOnPrev ? Stats::kOnPrevBf16 : m == Stats::kOnPrevHist ? Stats::kOnPrevBf16Hist : m;
+}
 
 template <class T, class R, Stats stats>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const __grid_constant__ UpdateLaunch launch, const __grid_constant__ KernelScalars s) {
   using O = typename Traits<T>::O;
   constexpr bool kStats = stats != Stats::kOff;
-  constexpr bool kPrev = stats == Stats::kOnPrev || stats == Stats::kOnPrevHist;
-  constexpr bool kHist = stats == Stats::kOnHist || stats == Stats::kOnPrevHist;
+  constexpr bool kPrev = stats_prev(stats);
+  constexpr bool kHist = stats_hist(stats);
+  using P = std::conditional_t<stats_prev_bf16(stats), __nv_bfloat16, T>;  // the previous step's storage
   constexpr int kStates = R::kNumStates;  // state arrays kFirstState .. kFirstState + kStates - 1
   constexpr int kVec = 16 / sizeof(T);
   struct alignas(16) Pack {
     T v[kVec];
+  };
+  struct alignas(sizeof(P) * kVec) PrevPack {  // kVec previous-step values (8 bytes for bf16 beside fp32)
+    P v[kVec];
   };
 
   // GradScaler found inf/NaN gradients: the whole step is skipped (the second stage zeroes the
@@ -308,12 +327,12 @@ __global__ void __launch_bounds__(kThreads)
   T* __restrict__ state[kMaxStates];
 #pragma unroll
   for (int k = 0; k < kMaxStates; ++k) state[k] = k < kStates ? static_cast<T*>(t.ptr[kFirstState + k]) + begin : nullptr;
-  const T* const __restrict__ prev = kPrev ? static_cast<const T*>(t.ptr[kPrev]) + begin : nullptr;
+  const P* const __restrict__ prev = kPrev ? static_cast<const P*>(t.ptr[kPrev]) + begin : nullptr;
 
   // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
   const float step = *t.step + 1.0f;
   const double lr = read_lr(s);
-  const ElementStep<T, R, kStats, kPrev, kHist> element(s, lr, step);
+  const ElementStep<T, R, kStats, kPrev, kHist, P> element(s, lr, step);
   // The block's histograms in shared memory (3 KB), added to the tensor's row at the end.
   __shared__ unsigned int hist[kHist ? kNumHistograms * kHistBins : 1];
   if constexpr (kHist) {
@@ -335,10 +354,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = threadIdx.x; k < num_vecs; k += kThreads) {
       Pack p = reinterpret_cast<const Pack*>(param)[k];
       Pack g = reinterpret_cast<const Pack*>(grad)[k];
-      Pack st[kMaxStates], q;
+      Pack st[kMaxStates];
+      PrevPack q;
 #pragma unroll
       for (int s_ = 0; s_ < kStates; ++s_) st[s_] = reinterpret_cast<const Pack*>(state[s_])[k];
-      if constexpr (kPrev) q = reinterpret_cast<const Pack*>(prev)[k];
+      if constexpr (kPrev) q = reinterpret_cast<const PrevPack*>(prev)[k];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         T st_j[kMaxStates];
@@ -357,7 +377,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   // The tail (fewer than kVec elements), or the whole chunk when a pointer is not 16-byte aligned.
   for (int64_t i = scalar_begin + threadIdx.x; i < n; i += kThreads) {
-    T p = param[i], g = grad[i], st[kMaxStates], q;
+    T p = param[i], g = grad[i], st[kMaxStates];
+    P q;
 #pragma unroll
     for (int s_ = 0; s_ < kStates; ++s_) st[s_] = state[s_][i];
     if constexpr (kPrev) q = prev[i];
@@ -399,9 +420,15 @@ void launch_update_typed(Stats mode, const UpdateLaunch& launch, int64_t blocks,
     case Stats::kOnPrev:
       update_kernel<T, R, Stats::kOnPrev><<<grid, kThreads, 0, stream>>>(launch, s);
       break;
+    case Stats::kOnPrevBf16:
+      update_kernel<T, R, Stats::kOnPrevBf16><<<grid, kThreads, 0, stream>>>(launch, s);
+      break;
     case Stats::kOnHist: update_kernel<T, R, Stats::kOnHist><<<grid, kThreads, 0, stream>>>(launch, s); break;
     case Stats::kOnPrevHist:
       update_kernel<T, R, Stats::kOnPrevHist><<<grid, kThreads, 0, stream>>>(launch, s);
+      break;
+    case Stats::kOnPrevBf16Hist:
+      update_kernel<T, R, Stats::kOnPrevBf16Hist><<<grid, kThreads, 0, stream>>>(launch, s);
       break;
   }
 }

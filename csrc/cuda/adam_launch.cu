@@ -66,9 +66,15 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
   const bool stats = a.stats != nullptr;
   const bool amsgrad = a.amsgrad && a.algorithm != Algorithm::kAdamax;
   const bool hist = stats && a.histograms != nullptr;
-  const Stats mode = !stats ? Stats::kOff
-                     : hist ? (a.prev_dot ? Stats::kOnPrevHist : Stats::kOnHist)
-                            : (a.prev_dot ? Stats::kOnPrev : Stats::kOn);
+  const Stats call_mode = !stats ? Stats::kOff
+                          : hist ? (a.prev_dot ? Stats::kOnPrevHist : Stats::kOnHist)
+                                 : (a.prev_dot ? Stats::kOnPrev : Stats::kOn);
+  // A tensor whose previous step is bf16 while it is not (compact epoch buffers) takes the kernel
+  // instantiated for that; launches are split by mode as they are by dtype.
+  auto mode_of = [&](const HostTensor& h) {
+    return stats_prev(call_mode) && h.prev_dtype != h.dtype ? with_prev_bf16(call_mode) : call_mode;
+  };
+  Stats mode = call_mode;
   const int max_tensors = limits.max_tensors > 0 ? std::min(limits.max_tensors, kMaxTensorsPerLaunch)
                                                  : kMaxTensorsPerLaunch;
   const int64_t max_blocks = limits.max_blocks > 0 ? std::min<int64_t>(limits.max_blocks, INT32_MAX)
@@ -104,7 +110,8 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
   scalars.histograms = hist ? reinterpret_cast<unsigned long long*>(a.histograms) : nullptr;
   scalars.maximize = a.maximize;
 
-  // Update launches, one dtype at a time (the kernel is templated on it), tensors in call order.
+  // Update launches, one dtype (and previous-step storage) at a time (the kernel is templated on
+  // them), tensors in call order.
   // Partial rows follow the same order: tensor i's chunk c writes row partial_begin[i] + c.
   std::vector<int64_t> partial_begin(static_cast<size_t>(n), 0);
   int64_t next_partial = 0;
@@ -125,33 +132,40 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
     start();
   };
   for (DType dtype : {DType::kFloat, DType::kBFloat16, DType::kHalf, DType::kDouble}) {
-    start();
-    for (int64_t i = 0; i < n; ++i) {
-      const HostTensor& h = tensors[i];
-      if (h.dtype != dtype || h.numel == 0) continue;
-      partial_begin[i] = next_partial;
-      const int64_t chunks = (h.numel + kChunk - 1) / kChunk;
-      for (int64_t chunk = 0; chunk < chunks;) {
-        if (launch.num_tensors == max_tensors || blocks == max_blocks) flush(dtype);
-        const int64_t take = std::min(chunks - chunk, max_blocks - blocks);
-        LaunchTensor& t = launch.tensors[launch.num_tensors];
-        t.ptr[kParam] = h.param;
-        t.ptr[kGrad] = h.grad;
-        // The rule's state tensors as the glue filled them (adam_step_call.h); absent ones null.
-        for (int k = 0; k < kMaxStates; ++k) t.ptr[kFirstState + k] = h.state[k];
-        t.ptr[kPrev] = mode == Stats::kOnPrev ? const_cast<void*>(h.prev_step) : nullptr;
-        t.step = h.step;
-        t.numel = h.numel;
-        t.first_chunk = chunk;
-        t.hist_row = h.stats_row;
-        launch.block_begin[launch.num_tensors] = static_cast<int32_t>(blocks);
-        ++launch.num_tensors;
-        blocks += take;
-        chunk += take;
-        next_partial += take;
+    // A second pass, for the tensors whose previous step is stored in bf16, only when the call
+    // has a previous-epoch dot (with_prev_bf16 changes nothing otherwise).
+    const Stats launch_modes[2] = {call_mode, with_prev_bf16(call_mode)};
+    for (int m = 0; m < (launch_modes[1] != launch_modes[0] ? 2 : 1); ++m) {
+      const Stats launch_mode = launch_modes[m];
+      mode = launch_mode;
+      start();
+      for (int64_t i = 0; i < n; ++i) {
+        const HostTensor& h = tensors[i];
+        if (h.dtype != dtype || h.numel == 0 || mode_of(h) != launch_mode) continue;
+        partial_begin[i] = next_partial;
+        const int64_t chunks = (h.numel + kChunk - 1) / kChunk;
+        for (int64_t chunk = 0; chunk < chunks;) {
+          if (launch.num_tensors == max_tensors || blocks == max_blocks) flush(dtype);
+          const int64_t take = std::min(chunks - chunk, max_blocks - blocks);
+          LaunchTensor& t = launch.tensors[launch.num_tensors];
+          t.ptr[kParam] = h.param;
+          t.ptr[kGrad] = h.grad;
+          // The rule's state tensors as the glue filled them (adam_step_call.h); absent ones null.
+          for (int k = 0; k < kMaxStates; ++k) t.ptr[kFirstState + k] = h.state[k];
+          t.ptr[kPrev] = stats_prev(mode) ? const_cast<void*>(h.prev_step) : nullptr;
+          t.step = h.step;
+          t.numel = h.numel;
+          t.first_chunk = chunk;
+          t.hist_row = h.stats_row;
+          launch.block_begin[launch.num_tensors] = static_cast<int32_t>(blocks);
+          ++launch.num_tensors;
+          blocks += take;
+          chunk += take;
+          next_partial += take;
+        }
       }
+      flush(dtype);
     }
-    flush(dtype);
   }
 
   // Second stage, after every update block: statistics rows and step counters.

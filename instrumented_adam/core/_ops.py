@@ -37,13 +37,18 @@ EPOCH_GEOMETRY_COLUMNS = len(EPOCH_COLUMNS) + 1
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_companions(params: Sequence[Tensor], others: Sequence[Tensor], what: str) -> None:
-    """Each tensor of `others` goes with the parameter at its position: same shape and dtype."""
+def _check_companions(params: Sequence[Tensor], others: Sequence[Tensor], what: str,
+                      allow_bfloat16: bool = False) -> None:
+    """Each tensor of `others` goes with the parameter at its position: same shape and dtype.
+
+    allow_bfloat16: the tensor may also be bfloat16 (compact epoch buffers: previous steps, θ_0).
+    """
     for i, (p, t) in enumerate(zip(params, others)):
         torch._check(t.shape == p.shape, lambda: f"instrumented_adam: {what}[{i}] has shape {tuple(t.shape)} "
                                                  f"but its parameter has shape {tuple(p.shape)}")
-        torch._check(t.dtype == p.dtype, lambda: f"instrumented_adam: {what}[{i}] has dtype {t.dtype} "
-                                                 f"but its parameter has dtype {p.dtype}")
+        torch._check(t.dtype == p.dtype or (allow_bfloat16 and t.dtype == torch.bfloat16),
+                     lambda: f"instrumented_adam: {what}[{i}] has dtype {t.dtype} "
+                             f"but its parameter has dtype {p.dtype}" + (" (or bfloat16)" if allow_bfloat16 else ""))
 
 
 @torch.library.register_fake("instrumented_adam::adam_step")
@@ -75,7 +80,7 @@ def _adam_step_fake(
     _check_companions(params, second_moments, "second_moments")
     if uses_max:
         _check_companions(params, max_second_moments, "max_second_moments")
-    _check_companions(params, prev_epoch_steps, "prev_epoch_steps")
+    _check_companions(params, prev_epoch_steps, "prev_epoch_steps", allow_bfloat16=True)
     if stats is not None:
         torch._check(
             stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == NUM_STATS,
@@ -100,12 +105,12 @@ def _adam_step_fake(
 @torch.library.register_fake("instrumented_adam::epoch_geometry")
 def _epoch_geometry_fake(params, epoch_starts, prev_steps, initial_params, has_prev, out) -> None:
     n = len(params)
-    torch._check(len(epoch_starts) == n and len(prev_steps) == n and len(initial_params) == n,
-                 lambda: "instrumented_adam: epoch_geometry needs one start, previous step and initial tensor "
-                         "per parameter")
+    torch._check(len(epoch_starts) == n and len(prev_steps) == n and len(initial_params) in (0, n),
+                 lambda: "instrumented_adam: params, epoch starts and previous steps must have the same length, "
+                         "and initial params the same or none")
     _check_companions(params, epoch_starts, "epoch_starts")
-    _check_companions(params, prev_steps, "prev_steps")
-    _check_companions(params, initial_params, "initial_params")
+    _check_companions(params, prev_steps, "prev_steps", allow_bfloat16=True)
+    _check_companions(params, initial_params, "initial_params", allow_bfloat16=True)
     torch._check(
         out.dtype == torch.float64 and out.dim() == 2 and out.shape[0] == n and out.shape[1] == EPOCH_GEOMETRY_COLUMNS,
         lambda: f"instrumented_adam: out must be a float64 tensor of shape [{n}, {EPOCH_GEOMETRY_COLUMNS}], "

@@ -15,10 +15,15 @@ differentiable single-tensor math and its statistics come from `core.reference` 
 
 Instrumentation options (keyword-only):
   statistics      per-step statistics in the kernel (default True; False runs the plain update)
-  epoch_geometry  keep θ at the last epoch boundary, the previous epoch's step and θ_0 on the
-                  parameters' device, so that `end_epoch()` can measure the epoch's step and
-                  each step its alignment with the previous epoch's (default True; costs three
-                  parameter-sized buffers)
+  epoch_geometry  keep θ at the last epoch boundary and the previous epoch's step (and θ_0)
+                  on the parameters' device, so that `end_epoch()` can measure the epoch's step
+                  and each step its alignment with the previous epoch's (default True)
+  epoch_buffers   how those buffers are stored: "compact" (default) keeps θ at the epoch start
+                  exact and the previous epoch's step in bfloat16 (6 B/element for fp32
+                  parameters); "exact" keeps all of them in the parameter's dtype. The accuracy
+                  of each epoch figure per mode is stated in docs/design.md ("Epoch geometry")
+  distance_from_init  keep θ_0 so that `end_epoch()` measures ‖θ − θ_0‖ (in bfloat16 when
+                  compact); default: on for "exact", off for "compact" (its distance is NaN)
   histogram_every on the steps whose number is divisible by it, the kernel also counts per tensor
                   log2 histograms of |g|, |Δθ| and the effective step size in the same pass
                   (`last_step_histograms()`, `core.histogram`); 0 (default) never
@@ -43,6 +48,12 @@ EPOCH_START_KEY = "epoch_start_param"  # θ at the last epoch boundary (θ_end(k
 PREV_EPOCH_STEP_KEY = "prev_epoch_step"  # s_{k-1} = θ_end(k-1) - θ_end(k-2)
 INITIAL_PARAM_KEY = "initial_param"  # θ_0, where instrumentation began
 INSTRUMENTATION_KEY = "instrumentation"  # top-level state_dict entry with the counters
+
+#: Values of the `epoch_buffers` option.
+EPOCH_BUFFER_MODES = ("compact", "exact")
+#: Storage type of the compact mode's previous-epoch step and θ_0 (a cosine needs three digits;
+#: bf16 keeps fp32's range, so a small step never underflows as it could in fp16).
+COMPACT_EPOCH_DTYPE = torch.bfloat16
 
 # Elements per chunk when the epoch geometry converts to float64 (bounds the temporary memory).
 _EPOCH_CHUNK = 1 << 22
@@ -226,8 +237,13 @@ class _Instrumented:
     #: torch.optim's message for a sparse gradient (Adam and AdamW share Adam's).
     _sparse_message = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
-    def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, histogram_every: int = 0,
+    def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True,
+                 epoch_buffers: str = "compact", distance_from_init: bool | None = None, histogram_every: int = 0,
                  **kwargs: Any) -> None:
+        if epoch_buffers not in EPOCH_BUFFER_MODES:
+            raise ValueError(f"Invalid epoch_buffers value: {epoch_buffers!r} (expected 'compact' or 'exact')")
+        if distance_from_init is not None and not isinstance(distance_from_init, bool):
+            raise ValueError(f"Invalid distance_from_init value: {distance_from_init!r} (expected a bool or None)")
         if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
             raise ValueError(f"Invalid histogram_every value: {histogram_every!r} (an int >= 0; 0 turns histograms off)")
         if histogram_every and not statistics:
@@ -238,6 +254,8 @@ class _Instrumented:
         self.statistics = bool(statistics)
         self.epoch_geometry = bool(epoch_geometry)
         self.histogram_every = int(histogram_every)
+        self.epoch_buffers = epoch_buffers
+        self.distance_from_init = epoch_buffers == "exact" if distance_from_init is None else distance_from_init
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -284,6 +302,8 @@ class _Instrumented:
         state["statistics"] = self.statistics
         state["epoch_geometry"] = self.epoch_geometry
         state["histogram_every"] = self.histogram_every
+        state["epoch_buffers"] = self.epoch_buffers
+        state["distance_from_init"] = self.distance_from_init
         state["_ia"] = _Bookkeeping(self._ia.steps_done, self._ia.epochs_done, self._ia.steps_at_epoch_end)
         return state
 
@@ -315,6 +335,10 @@ class _Instrumented:
         super().__setstate__(state)
         if "_ia" not in self.__dict__:
             self._ia = _Bookkeeping()
+        if "histogram_every" not in self.__dict__:  # pickled before histograms existed
+            self.histogram_every = 0
+        if "epoch_buffers" not in self.__dict__:  # pickled before the option existed: exact buffers
+            self.epoch_buffers, self.distance_from_init = "exact", True
         self._invalidate()
 
     def _get_layout(self) -> _Layout:
@@ -380,10 +404,43 @@ class _Instrumented:
         if self.epoch_geometry:
             if EPOCH_START_KEY not in state:
                 state[EPOCH_START_KEY] = p.detach().clone(memory_format=torch.preserve_format)
-                state[INITIAL_PARAM_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+                if self.distance_from_init:
+                    state[INITIAL_PARAM_KEY] = p.detach().to(self._epoch_dtype(p), memory_format=torch.preserve_format,
+                                                             copy=True)
             if self._ia.has_prev_epoch and PREV_EPOCH_STEP_KEY not in state:
-                state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[PREV_EPOCH_STEP_KEY] = self._new_prev_step(p)
+            self._conform_epoch_buffers(p, state)
         return state
+
+    # ---- epoch buffers (epoch_buffers / distance_from_init) ---------------------------------
+    def _epoch_dtype(self, p: Tensor) -> torch.dtype:
+        """Storage type of p's previous-epoch step and θ_0: bf16 when compact (real parameters)."""
+        if getattr(self, "epoch_buffers", "exact") == "compact" and p.is_floating_point():
+            return COMPACT_EPOCH_DTYPE
+        return p.dtype
+
+    def _new_prev_step(self, p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=self._epoch_dtype(p), memory_format=torch.preserve_format)
+
+    def _conform_epoch_buffers(self, p: Tensor, state: dict) -> None:
+        """Brings loaded epoch buffers to this optimizer's mode (torch's load casts them to p's dtype).
+
+        exact → compact rounds the previous step (and θ_0) to bf16; compact → exact widens them
+        exactly. Without distance_from_init θ_0 is dropped; with it and none saved (a compact
+        checkpoint), θ_0 is the parameters at load time, as after a torch.optim checkpoint.
+        """
+        dtype = self._epoch_dtype(p)
+        prev = state.get(PREV_EPOCH_STEP_KEY)
+        if prev is not None and prev.dtype != dtype:
+            state[PREV_EPOCH_STEP_KEY] = prev.to(dtype, memory_format=torch.preserve_format)
+        if not self.distance_from_init:
+            state.pop(INITIAL_PARAM_KEY, None)
+        elif EPOCH_START_KEY in state:
+            initial = state.get(INITIAL_PARAM_KEY)
+            if initial is None:
+                state[INITIAL_PARAM_KEY] = p.detach().to(dtype, memory_format=torch.preserve_format, copy=True)
+            elif initial.dtype != dtype:
+                state[INITIAL_PARAM_KEY] = initial.to(dtype, memory_format=torch.preserve_format)
 
     @staticmethod
     def _match_layout(p: Tensor, state: dict) -> None:
@@ -489,11 +546,30 @@ class _Instrumented:
             if histograms is not None:
                 histograms.zero_()
             return replanned
-        call_grads = [grads[i] for i in plan.indices]
+        call_grads = grads if len(plan.indices) == len(params) else [grads[i] for i in plan.indices]
         call_params = plan.params
         copies: list[tuple[int, Tensor, Tensor]] = []
         if plan.has_complex:
             call_grads = [torch.view_as_real(g) if g.is_complex() else g for g in call_grads]
+        stats = None
+        if layout.stats is not None:
+            start = layout.offsets[gi]
+            stats = layout.stats[start : start + len(params)]
+        if not plan.relayout and not torch.compiler.is_compiling():
+            # The op checks every gradient's strides (and everything else) before it mutates
+            # anything, so the common case -- every gradient in its parameter's layout -- goes
+            # straight to it: no Python stride comparison per tensor (a third of the step's fixed
+            # cost for 1000 small tensors). A rejected call changed nothing and is retried below
+            # after the mismatches are sorted out (a traced step keeps the explicit checks).
+            try:
+                self._functional_step(group, call_params, call_grads, plan.exp_avgs, plan.second_moments,
+                                      plan.max_second_moments, plan.state_steps,
+                                      prev_epoch_steps=plan.prev_epoch_steps, stats=stats, stat_rows=plan.stat_rows,
+                                      grad_scale=grad_scale, found_inf=found_inf,
+                                      **({"histograms": histograms} if histograms is not None else {}))
+                return replanned
+            except RuntimeError:
+                call_grads = list(call_grads)
         # The kernel walks storage linearly: a gradient must have its parameter's layout. One
         # cached-stride comparison per gradient on the hot path; anything else (a sparse gradient,
         # whose strides never match, or another layout) is sorted out only for the mismatches.
@@ -519,10 +595,6 @@ class _Instrumented:
                 grad = call_grads[pos]
                 call_grads[pos] = grad.contiguous()
                 copies.append((pos, grad, call_grads[pos]))
-        stats = None
-        if layout.stats is not None:
-            start = layout.offsets[gi]
-            stats = layout.stats[start : start + len(params)]
         self._functional_step(group, call_params, call_grads, plan.exp_avgs, plan.second_moments,
                               plan.max_second_moments, plan.state_steps, prev_epoch_steps=plan.prev_epoch_steps,
                               stats=stats, stat_rows=plan.stat_rows, grad_scale=grad_scale, found_inf=found_inf,
@@ -638,18 +710,22 @@ class _Instrumented:
                               step=ia.steps_done)
 
     @staticmethod
-    def _epoch_row_torch(p: Tensor, state: dict, zero: Tensor) -> tuple[Tensor, Tensor]:
+    def _epoch_row_torch(p: Tensor, state: dict, zero: Tensor,
+                         prev_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """end_epoch for one parameter with torch ops (any device or layout), chunked in float64.
 
-        Returns its EPOCH_COLUMNS row and ‖s_k‖² as stored; updates its buffers like the CPU op.
+        Returns its EPOCH_COLUMNS row and ‖s_k‖² as stored; updates its buffers like the CPU op
+        (the distance is NaN without θ_0). prev_dtype: of a new previous-step buffer (p's default).
         """
         theta, start = _flat(p.detach()), _flat(state[EPOCH_START_KEY])
-        initial = _flat(state[INITIAL_PARAM_KEY])
+        initial = _flat(state[INITIAL_PARAM_KEY]) if INITIAL_PARAM_KEY in state else None
         prev = state.get(PREV_EPOCH_STEP_KEY)
         prev_flat = _flat(prev) if prev is not None else None
         if prev is None:
-            prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        step_sumsq, dot_prev, prev_sumsq, dist_sumsq = zero, zero, zero, zero
+            prev = state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, dtype=prev_dtype or p.dtype,
+                                                                 memory_format=torch.preserve_format)
+        step_sumsq, dot_prev, prev_sumsq = zero, zero, zero
+        dist_sumsq = zero if initial is not None else torch.full_like(zero, float("nan"))
         new_prev = _flat(prev)
         for lo in range(0, theta.numel(), _EPOCH_CHUNK):
             hi = min(lo + _EPOCH_CHUNK, theta.numel())
@@ -660,9 +736,10 @@ class _Instrumented:
                 q = prev_flat[lo:hi].double()
                 dot_prev = dot_prev + s.dot(q)
                 prev_sumsq = prev_sumsq + q.dot(q)
-            d = t64 - initial[lo:hi].double()
-            dist_sumsq = dist_sumsq + d.dot(d)
-            new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to p's dtype)
+            if initial is not None:
+                d = t64 - initial[lo:hi].double()
+                dist_sumsq = dist_sumsq + d.dot(d)
+            new_prev[lo:hi] = s  # s_k becomes the next epoch's s_{k-1} (rounded to its dtype)
         start.copy_(theta)
         return torch.stack([step_sumsq, dot_prev, prev_sumsq, dist_sumsq]), _sumsq_f64(new_prev)
 
@@ -692,27 +769,27 @@ class _Instrumented:
         all_params = [p for group in self.param_groups for p in group["params"]]
         rows: list[Tensor] = [zero_row] * len(all_params)
         next_prev_sumsq: list[Tensor] = [zero] * len(all_params)
-        native: dict[bool, list[tuple[int, Tensor, dict]]] = {True: [], False: []}  # by has_prev
+        # One op call per (has a previous step, has θ_0) combination.
+        native: dict[tuple[bool, bool], list[tuple[int, Tensor, dict]]] = {}
         for row, p in enumerate(all_params):
             state = self.state.get(p)
             if not state or EPOCH_START_KEY not in state:
                 continue
+            self._conform_epoch_buffers(p, state)
             if _native_epoch(p, state):
                 has_prev = PREV_EPOCH_STEP_KEY in state
                 if not has_prev:
-                    state[PREV_EPOCH_STEP_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                native[has_prev].append((row, p, state))
+                    state[PREV_EPOCH_STEP_KEY] = self._new_prev_step(p)
+                native.setdefault((has_prev, INITIAL_PARAM_KEY in state), []).append((row, p, state))
             else:
-                rows[row], next_prev_sumsq[row] = self._epoch_row_torch(p, state, zero)
-        for has_prev, entries in native.items():
-            if not entries:
-                continue
+                rows[row], next_prev_sumsq[row] = self._epoch_row_torch(p, state, zero, self._epoch_dtype(p))
+        for (has_prev, has_initial), entries in native.items():
             out = torch.empty(len(entries), len(EPOCH_COLUMNS) + 1, dtype=torch.float64)
             epoch_geometry(
                 [_real(p.detach()) for _, p, _ in entries],
                 [_real(st[EPOCH_START_KEY]) for _, _, st in entries],
                 [_real(st[PREV_EPOCH_STEP_KEY]) for _, _, st in entries],
-                [_real(st[INITIAL_PARAM_KEY]) for _, _, st in entries],
+                [_real(st[INITIAL_PARAM_KEY]) for _, _, st in entries] if has_initial else [],
                 has_prev,
                 out,
             )
@@ -801,6 +878,12 @@ class _Instrumented:
         self._check_state_dict(state_dict)
         counters = state_dict.get(INSTRUMENTATION_KEY, {})
         super().load_state_dict(state_dict)
+        if self.epoch_geometry:
+            # torch's load casts every state tensor to its parameter's dtype: back to this mode's.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p in self.state and self.state[p]:
+                        self._conform_epoch_buffers(p, self.state[p])
         self._invalidate()  # ‖s_{k-1}‖² is recomputed from the loaded buffers when needed
         self.steps_done = int(counters.get("steps_done", 0))
         self.epochs_done = int(counters.get("epochs_done", 0))
@@ -873,7 +956,8 @@ class Adam(_Instrumented, torch.optim.Adam):
     """torch.optim.Adam with a fused, instrumented step.
 
     Same arguments, defaults and state_dict as `torch.optim.Adam` (its checkpoints load, and
-    ours load into it), plus keyword-only `statistics` and `epoch_geometry`. The update runs
+    ours load into it), plus keyword-only `statistics`, `epoch_geometry`, `epoch_buffers` and
+    `distance_from_init` (see the module docstring). The update runs
     through the fused kernel (`foreach`/`fused` are accepted for compatibility): fp32 parameters
     follow `torch.optim.Adam(fused=True)` bitwise. With `differentiable=True` it runs torch's
     differentiable single-tensor math instead (bitwise `torch.optim.Adam(differentiable=True)`,
