@@ -59,3 +59,11 @@ def test_demo_overlays_optimizers_on_one_task(tmp_path, capsys):
 def test_histograms_are_refused_clearly(cls):
     with pytest.raises(ValueError, match="does not take histograms yet"):
         getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1, histogram_every=10)
+
+
+@pytest.mark.parametrize("cls", ["SGD", "RMSprop", "Adagrad"])
+def test_compact_epoch_buffers_are_refused_clearly(cls):
+    opt = getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+    assert opt.epoch_buffers == "exact" and opt.distance_from_init
+    with pytest.raises(ValueError, match="exact epoch buffers only"):
+        getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1, epoch_buffers="compact")

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 import warnings
 from pathlib import Path
 
@@ -50,7 +52,9 @@ def _batch(epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _worker(rank: int, init_file: str, store_path: str, scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A bounded timeout: a rank whose peer failed must fail too, not wait in a collective forever.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = _model()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -94,8 +98,19 @@ def _worker(rank: int, init_file: str, store_path: str, scenario: str, out_dir: 
         torch.save({"caught": caught, "state": opt.state_dict(), "active": rec.active,
                     "params": [p.detach().clone() for p in model.parameters()]},
                    Path(out_dir) / f"rank{rank}.pt")
-    finally:
+        del ddp
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _exit_cleanly()
+
+
+def _exit_cleanly() -> None:
+    """Ends a worker that finished: the process group goes, then the process exits at once.
+    (At interpreter exit, gloo's destructor behind a DDP reducer sometimes waits forever for its
+    worker threads, and mp.spawn then waits for the process.)"""
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def _run(tmp_path: Path, scenario: str) -> tuple[Path, list[dict]]:
@@ -153,12 +168,13 @@ def test_ddp_rank0_writes_one_run_equal_to_a_single_process_run(ddp_default):
 
 def test_ranks_all_records_one_run_per_rank(tmp_path):
     store_path, results = _run(tmp_path, "all")
-    with RunStore(store_path) as store:
-        runs = store.runs()
-        assert sorted(runs["name"]) == ["ddp@rank0", "ddp@rank1"]
-        epochs = store.epochs()
+    tables = []
+    for path, name in ((store_path, "ddp@rank0"), (store_path.with_name("runs.rank1.sqlite"), "ddp@rank1")):
+        with RunStore(path) as store:
+            assert list(store.runs()["name"]) == [name]
+            tables.append(store.epochs().reset_index(drop=True))
     assert all(r["active"] for r in results)
-    a, b = (g.reset_index(drop=True) for _, g in epochs.groupby("run_id"))
+    a, b = tables
     # DDP keeps the ranks identical: the two runs' optimizer figures are the same numbers (their
     # losses differ: each rank evaluates its half of the batch).
     for col in ("step_norm", "distance_from_init", "param_norm", "grad_norm"):
@@ -237,7 +253,9 @@ def test_wrappers_are_unwrapped(tmp_path):
 
 def _zero_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A bounded timeout: a rank whose peer failed must fail too, not wait in a collective forever.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -252,8 +270,10 @@ def _zero_worker(rank: int, init_file: str, out: str) -> None:
             note = rec.store.run_info(rec.run_id)["hyperparameters"]["figures_scope"]
         rec.close()
         torch.save({"local": type(unwrap_optimizer(zero)).__name__, "note": note}, Path(out) / f"zero{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _exit_cleanly()
 
 
 def test_zero_redundancy_optimizer_is_unwrapped_to_its_local_optimizer(tmp_path):

@@ -110,9 +110,11 @@ def quadratic(theta: torch.Tensor) -> torch.Tensor:
     return 0.5 * (H.to(theta.dtype) * (theta - C.to(theta.dtype)) ** 2).sum()
 
 
-def test_extrapolation_finds_the_best_alpha_and_keeps_state_consistent():
+@pytest.mark.parametrize("epoch_buffers", ["exact", "compact"])
+def test_extrapolation_finds_the_best_alpha_and_keeps_state_consistent(epoch_buffers):
+    # compact: s_k is kept in bf16 (and θ₀ not at all); the jump moves along s_k as stored.
     theta = torch.nn.Parameter(torch.zeros(4))
-    opt = ia.Adam([theta], lr=0.03)
+    opt = ia.Adam([theta], lr=0.03, epoch_buffers=epoch_buffers)
     for _ in range(10):
         opt.zero_grad()
         quadratic(theta).backward()
@@ -135,10 +137,13 @@ def test_extrapolation_finds_the_best_alpha_and_keeps_state_consistent():
     expected = (t64 + alpha * s64).float()
     assert torch.equal(theta.detach(), expected)
     # Optimizer state: moments and step untouched; the epoch buffers follow the parameters.
-    for key in ("exp_avg", "exp_avg_sq", "step", INITIAL_PARAM_KEY):
+    kept = ("exp_avg", "exp_avg_sq", "step") + ((INITIAL_PARAM_KEY,) if epoch_buffers == "exact" else ())
+    assert (INITIAL_PARAM_KEY in state) == (epoch_buffers == "exact")
+    for key in kept:
         assert torch.equal(state[key], before[key]), key
     assert torch.equal(state[EPOCH_START_KEY], expected)
-    assert torch.equal(state[PREV_EPOCH_STEP_KEY], ((1.0 + alpha) * s64).float())
+    prev_dtype = torch.float32 if epoch_buffers == "exact" else torch.bfloat16
+    assert torch.equal(state[PREV_EPOCH_STEP_KEY], ((1.0 + alpha) * s64).to(prev_dtype))
     decision = rule.pop_decisions()[0]
     assert decision.action == "jump" and decision.detail["alpha"] == alpha
     assert decision.detail["alphas"][: len(decision.detail["losses"])] == [0.0, *ladder[: len(decision.detail["losses"]) - 1]]
@@ -149,11 +154,14 @@ def test_extrapolation_finds_the_best_alpha_and_keeps_state_consistent():
         opt.step()
     geo = opt.end_epoch()
     step = theta.detach().double() - expected.double()
-    prev = ((1.0 + alpha) * s64).float().double()
+    prev = ((1.0 + alpha) * s64).to(prev_dtype).double()  # as the buffer keeps it
     assert torch.allclose(geo["step_sumsq"], (step * step).sum()[None], rtol=1e-12, atol=0)
     assert torch.allclose(geo["step_dot_prev"], (step * prev).sum()[None], rtol=1e-12, atol=0)
-    assert torch.allclose(geo["distance_sumsq"], (theta.detach().double() - before[INITIAL_PARAM_KEY].double()).pow(2).sum()[None],
-                          rtol=1e-12, atol=0)
+    if epoch_buffers == "exact":
+        distance = (theta.detach().double() - before[INITIAL_PARAM_KEY].double()).pow(2).sum()[None]
+        assert torch.allclose(geo["distance_sumsq"], distance, rtol=1e-12, atol=0)
+    else:  # no θ₀ kept: the distance is not measured (NaN), never a wrong number
+        assert torch.isnan(geo["distance_sumsq"]).all()
 
 
 def test_extrapolation_stays_when_the_loss_rises_and_refuses_mid_epoch():

@@ -53,12 +53,17 @@ class _Classic(_Instrumented):
     _group_keys: tuple[str, ...] = ("lr",)
 
     def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, histogram_every: int = 0,
-                 **kwargs: Any) -> None:
+                 epoch_buffers: str = "exact", **kwargs: Any) -> None:
+        if epoch_buffers == "compact":
+            # Their ops read the previous epoch's step in the parameter's dtype only (so far).
+            raise ValueError(f"instrumented_adam.{type(self).__name__} keeps exact epoch buffers only "
+                             "(epoch_buffers='exact', its default); compact buffers are for Adam, AdamW and Adamax")
         if histogram_every:
             # The kernel histograms are counted by the Adam family's ops only (core.histogram).
             raise ValueError(f"instrumented_adam.{type(self).__name__} does not take histograms yet "
                              f"(histogram_every={histogram_every!r}); Adam, AdamW and Adamax do")
-        super().__init__(*args, statistics=statistics, epoch_geometry=epoch_geometry, **kwargs)
+        super().__init__(*args, statistics=statistics, epoch_geometry=epoch_geometry, epoch_buffers=epoch_buffers,
+                         **kwargs)
         if any(group.get("differentiable") for group in self.param_groups):
             raise ValueError(f"instrumented_adam.{type(self).__name__} does not support differentiable=True; "
                              f"use torch.optim.{type(self).__name__} for a differentiable step")

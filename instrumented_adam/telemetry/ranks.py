@@ -5,7 +5,8 @@ the same `Recorder` calls. By default only rank 0 records: the others get an *in
 whose `end_epoch` still ends the optimizer's epoch (every rank's optimizer state, epoch buffers
 included, must stay the same as rank 0's) but which opens no store, writes no row and saves no
 checkpoint file. ``ranks="all"`` makes every rank record its own run, named ``<name>@rank<r>``, for
-debugging. ``check_ranks=True`` compares, at every epoch end, the figures each rank measured
+debugging; rank r > 0 writes it into its own file beside rank 0's, ``<stem>.rank<r><suffix>`` (one
+SQLite file per writing process). ``check_ranks=True`` compares, at every epoch end, the figures each rank measured
 (the overall step figures of the epoch's last step and the epoch geometry) with one small
 ``all_gather_object`` — for data-parallel training they must agree; a disagreement is reported
 (warned or raised) and recorded as the epoch metric ``rank_disagreement``.

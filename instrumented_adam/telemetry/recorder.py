@@ -152,6 +152,11 @@ class Recorder:
             return
         if self.world_size > 1 and ranks == "all":
             run_name = f"{run_name or self._default_run_name()}@rank{self.rank}"
+            if self.rank != 0 and not isinstance(store, RunStore):
+                # One SQLite file per writing process: rank r > 0 records into <stem>.rank<r><suffix>
+                # beside rank 0's (two processes creating one new store at once collide).
+                path = Path(store)
+                store = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
         owns_store = not isinstance(store, RunStore)
         self._setup(optimizer, store, model, step_every, flush_every, tensorboard, owns_store)
         try:
