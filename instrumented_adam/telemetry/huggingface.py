@@ -84,7 +84,7 @@ class RecorderCallback(TrainerCallback):
         rec = self.recorder
         if rec is None:
             return
-        if rec.active and rec.optimizer.steps_done + rec._step_offset == rec._epoch_start_step:
+        if rec.steps_this_epoch == 0:
             return  # no step since the last recorded epoch
         rec.end_epoch(**epoch_metrics(metrics, state.log_history))
 

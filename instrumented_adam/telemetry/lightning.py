@@ -105,8 +105,7 @@ class RecorderCallback(Callback):
         if self.recorder is None or self._epoch_ended == trainer.current_epoch:
             return
         self._epoch_ended = trainer.current_epoch
-        if self.recorder.active and self.recorder.optimizer.steps_done + self.recorder._step_offset == \
-                self.recorder._epoch_start_step:
+        if self.recorder.steps_this_epoch == 0:
             return  # no step this epoch (e.g. a resumed training whose epoch was already complete)
         self.recorder.end_epoch(**self._selected_metrics(trainer))
 

@@ -154,8 +154,7 @@ def _inactive_rank(
     like rank 0 does and returns an inactive recorder at its position, without touching the store
     (rank 0 resumes or branches the run). None on a recording rank."""
     rec = cls.__new__(cls)
-    rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
-                        **rank_options})
+    rec._setup_ranks(**rank_options)
     if rec.active:
         return None
     optimizer = unwrap_optimizer(optimizer)
@@ -235,8 +234,7 @@ def resume_position(
     if on_gap not in ON_GAP:
         raise ValueError(f"on_gap must be one of {ON_GAP}, got {on_gap!r}")
     probe = cls.__new__(cls)
-    probe._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
-                          **(rank_options or {})})
+    probe._setup_ranks(**(rank_options or {}))
     optimizer = unwrap_optimizer(optimizer)
     if not probe.active:  # the states are loaded (by the framework): only the position to take
         probe._setup_inactive(optimizer, model)
@@ -280,8 +278,7 @@ def resume_position(
         if ckpt is not None:
             set_rng_state(ckpt["rng"])
         rec = cls.__new__(cls)
-        rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
-                            **(rank_options or {})})
+        rec._setup_ranks(**(rank_options or {}))
         rec._setup(optimizer, store_obj, model, position["step_every"], position["flush_every"], tensorboard, owns_store)
     except BaseException:
         if leased:
@@ -351,8 +348,7 @@ def branch(
         if hyperparameters is None:
             hyperparameters = {**(parent["hyperparameters"] or {}), **(overrides or {})}
         rec = cls.__new__(cls)
-        rec._setup_ranks(**{"ranks": "zero", "check_ranks": False, "rank_rtol": 1e-9, "on_rank_mismatch": "warn",
-                            **rank_options})
+        rec._setup_ranks(**rank_options)
         rec._setup(
             optimizer, store_obj, model, kwargs.pop("step_every", position["step_every"]),
             kwargs.pop("flush_every", position["flush_every"]), kwargs.pop("tensorboard", None), owns_store,

@@ -170,7 +170,8 @@ class Recorder:
         self._start_writer()
         self._attach()
 
-    def _setup_ranks(self, ranks: str, check_ranks: bool, rank_rtol: float, on_rank_mismatch: str) -> None:
+    def _setup_ranks(self, ranks: str = "zero", check_ranks: bool = False, rank_rtol: float = 1e-9,
+                     on_rank_mismatch: str = "warn") -> None:
         """Who records in this process (see `ranks`); called first by every constructor path."""
         _ranks.check_choice("ranks", ranks, _ranks.RECORDING_RANKS)
         _ranks.check_choice("on_rank_mismatch", on_rank_mismatch, _ranks.ON_RANK_MISMATCH)
@@ -569,6 +570,11 @@ class Recorder:
     def epoch(self) -> int:
         """The epoch in progress (0-based)."""
         return self._epoch
+
+    @property
+    def steps_this_epoch(self) -> int:
+        """Optimizer steps since the last recorded epoch end (0: `end_epoch` would record nothing)."""
+        return self.optimizer.steps_done + self._step_offset - self._epoch_start_step
 
     @property
     def diverged(self) -> str | None:
