@@ -150,8 +150,9 @@ void adam_step_cpu(const AdamStepCall& call) {
     }
     if (step != coeff_step) {
       const StepScalars scalars{lr, call.beta1, call.beta2, call.eps, call.weight_decay, step};
-      coeff_float = make_coefficients<float>(scalars, call.maximize, amsgrad);
-      coeff_double = make_coefficients<double>(scalars, call.maximize, amsgrad);
+      const bool decoupled = algo == Algorithm::kAdamW;
+      coeff_float = make_coefficients<float>(scalars, call.maximize, amsgrad, decoupled);
+      coeff_double = make_coefficients<double>(scalars, call.maximize, amsgrad, decoupled);
       coeff_step = step;
     }
     tensors[i].coeff_float = coeff_float;

@@ -524,32 +524,42 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   if constexpr (kHist) histograms.finish(hist_out);
 }
 
+// Which variants a rule's glue can ask for. The Adam family takes histograms and compact epoch
+// buffers; SGD, RMSprop and Adagrad refuse both in Python (core/classic.py), so their histogram
+// and bf16-previous-step loops are never compiled (each variant is a full copy of the loop: the
+// instantiations are what the kernel's compile time is made of).
+template <class Rule>
+inline constexpr bool kRuleTakesHistograms = false;
+template <Algorithm algo>
+inline constexpr bool kRuleTakesHistograms<AdamRule<algo>> = true;
+
+template <class scalar_t, class Rule, bool kHist>
+void dispatch_prev(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out,
+                   int64_t* hist_out) {
+  if (args.prev_dot && t.prev_step != nullptr) {
+    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16> && kRuleTakesHistograms<Rule>) {
+      if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
+        return process_range<scalar_t, Rule, true, true, kHist, c10::BFloat16>(args, t, item.begin, item.end, out,
+                                                                              hist_out);
+      }
+    }
+    process_range<scalar_t, Rule, true, true, kHist>(args, t, item.begin, item.end, out, hist_out);
+  } else {
+    process_range<scalar_t, Rule, true, false, kHist>(args, t, item.begin, item.end, out, hist_out);
+  }
+}
+
 template <class scalar_t, class Rule>
 void dispatch_flags(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out,
                     int64_t* hist_out) {
   if (!args.stats) {
     process_range<scalar_t, Rule, false, false>(args, t, item.begin, item.end, out);
   } else if (hist_out != nullptr) {
-    if (args.prev_dot && t.prev_step != nullptr) {
-      if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
-          return process_range<scalar_t, Rule, true, true, true, c10::BFloat16>(args, t, item.begin, item.end, out,
-                                                                               hist_out);
-        }
-      }
-      process_range<scalar_t, Rule, true, true, true>(args, t, item.begin, item.end, out, hist_out);
-    } else {
-      process_range<scalar_t, Rule, true, false, true>(args, t, item.begin, item.end, out, hist_out);
-    }
-  } else if (args.prev_dot && t.prev_step != nullptr) {
-    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
-        return process_range<scalar_t, Rule, true, true, false, c10::BFloat16>(args, t, item.begin, item.end, out);
-      }
-    }
-    process_range<scalar_t, Rule, true, true>(args, t, item.begin, item.end, out);
+    // (The classic glue never passes histograms; were it to, the step is still taken, uncounted.)
+    if constexpr (kRuleTakesHistograms<Rule>) dispatch_prev<scalar_t, Rule, true>(args, t, item, out, hist_out);
+    else dispatch_prev<scalar_t, Rule, false>(args, t, item, out, nullptr);
   } else {
-    process_range<scalar_t, Rule, true, false>(args, t, item.begin, item.end, out);
+    dispatch_prev<scalar_t, Rule, false>(args, t, item, out, nullptr);
   }
 }
 
@@ -571,8 +581,9 @@ void process_items(const KernelArgs& args, int64_t first, int64_t last) {
     double* out = args.stats ? args.item_stats + k * kNumStats : nullptr;
     int64_t* hist_out = args.item_hist ? args.item_hist + k * kNumHistograms * kHistBins : nullptr;
     switch (args.algorithm) {
-      case Algorithm::kAdam: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out, hist_out); break;
-      case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdamW>>(args, args.items[k], out, hist_out); break;
+      // AdamW is Adam with ElementCoefficients::decoupled_weight_decay set: one copy of the loop.
+      case Algorithm::kAdam:
+      case Algorithm::kAdamW: dispatch_dtype<AdamRule<Algorithm::kAdam>>(args, args.items[k], out, hist_out); break;
       case Algorithm::kAdamax: dispatch_dtype<AdamRule<Algorithm::kAdamax>>(args, args.items[k], out, hist_out); break;
       case Algorithm::kSgd: dispatch_dtype<SgdRule>(args, args.items[k], out, hist_out); break;
       case Algorithm::kRmsprop: dispatch_dtype<RmspropRule>(args, args.items[k], out, hist_out); break;
