@@ -349,6 +349,9 @@ def _shard_worker(rank: int, init_file: str, out: str, scenarios: tuple[str, ...
                 warnings.simplefilter("always")
                 rec = Recorder(wrapper, Path(out) / f"{scenario}.sqlite", scenario, model=model, flush_every=7)
             _train_shard(module, opt, lambda: rec.end_epoch())
+            # Rank 0's file would hold its shard only: refused on every rank (none left waiting).
+            with pytest.raises(RuntimeError, match="distributed checkpoint"):
+                rec.save_checkpoint(Path(out) / f"{scenario}-{rank}.pt")
             rec.close()
             local = unwrap_optimizer(opt)
             state = local.state[next(p for g in local.param_groups for p in g["params"])]
@@ -361,7 +364,19 @@ def _shard_worker(rank: int, init_file: str, out: str, scenarios: tuple[str, ...
             _train_shard(module, topt, lambda: None)
             tlocal = topt.optim if zero else topt
             tstate = tlocal.state[next(p for g in tlocal.param_groups for p in g["params"])]
+            interchange = None
+            if scenario == "fsdp2":  # state_dicts load both ways, as between torch's Adams
+                theirs = torch.optim.Adam(list(opt.param_groups[0]["params"]), lr=1e-2, foreach=True)
+                theirs.load_state_dict(opt.state_dict())
+                again = ia.Adam(list(topt.param_groups[0]["params"]), lr=1e-2)
+                again.load_state_dict(topt.state_dict())
+                interchange = all(
+                    type(a.state[p][k]).__name__ == "DTensor"
+                    and torch.equal(a.state[p][k].to_local(), b.state[p][k].to_local())
+                    for a, b in ((theirs, opt), (again, topt))
+                    for p in a.param_groups[0]["params"] for k in ("exp_avg", "exp_avg_sq"))
             results[scenario] = {
+                "interchange": interchange,
                 "ours": ours, "torch": tfull(), "active": rec.active,
                 "warnings": [str(w.message) for w in caught],
                 "state_types": {k: type(v).__name__ for k, v in state.items()},
@@ -420,6 +435,7 @@ def test_sharded_training_records_the_whole_models_figures(sharded_runs, scenari
         ours, theirs = mine[0]["state_types"], mine[0]["torch_state_types"]
         assert all(ours[k] == theirs[k] for k in theirs), (ours, theirs)
         assert ours["exp_avg"] == "DTensor" and ours["epoch_start_param"] == "DTensor"
+        assert all(r["interchange"] for r in mine)
     with RunStore(tmp / f"{scenario}.sqlite") as store, RunStore(tmp / "single.sqlite") as ref:
         runs = store.runs()
         assert list(runs["name"]) == [scenario]

@@ -105,7 +105,11 @@ class Recorder:
 
     `optimizer` may be a framework's wrapper of an instrumented optimizer (Accelerate's
     ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, ``ZeroRedundancyOptimizer``):
-    the recorder unwraps it.
+    the recorder unwraps it. Under a sharded optimizer (``ZeroRedundancyOptimizer``, FSDP1, FSDP2)
+    every recorded figure is still the whole model's: the recorders of all ranks combine their
+    per-shard sums at each flush and epoch end (two small ``all_reduce``s, never per step; see
+    `ranks.ShardCombiner`), so every rank must construct its recorder and call `end_epoch`, `flush`
+    and `close` at the same points.
 
     The step capture is a post-hook on ``optimizer.step``: the training loop needs no per-step
     code. Call `end_epoch` once per epoch (it calls ``optimizer.end_epoch()`` itself) and
@@ -678,8 +682,16 @@ class Recorder:
         comes back from `Recorder.resume(...).extra`.
         """
         self._check_open()
+        if self._combiner is not None:
+            # Rank 0 holds only its shard of the model and optimizer states (FSDP's state_dict
+            # would also need every rank): such a file could not resume the run. Every rank
+            # raises here, so none waits in a collective for the others.
+            raise RuntimeError(
+                f"instrumented_adam: save_checkpoint writes rank 0's states, and under {self._combiner.description} "
+                "each rank holds only its part: save the model and optimizer with a distributed checkpoint "
+                "(torch.distributed.checkpoint) and keep the recorder's checkpoint_position() beside it; continue "
+                "with Recorder.from_position")
         if not self.active:  # rank 0 writes the file (every rank holds the same state)
-            self.flush()  # sharded: rank 0's flush combines this rank's buffered steps too
             return Path(path)
         model = model if model is not None else self.model
         self.flush()
