@@ -540,9 +540,10 @@ class _Instrumented:
         graph, with the fused op as one node (its fake kernel is in _ops.py). The plan cache and the
         statistics buffer are built on the first compiled call, so expect a recompile after it and
         after the first end_epoch() (the previous-epoch dot turns on); the step counter is a
-        tensor the graph increments, so steps do not recompile. A Python-float lr that changes
-        every step (a scheduler) recompiles every step, as with torch's optimizers: pass lr as a
-        tensor then.
+        tensor the graph increments, so steps do not recompile. Hyperparameters that a scheduler
+        changes every step (lr, betas; as Python floats or tensors) do not recompile on CPU either:
+        under compile the step's scalars reach the kernel as a tensor input (one recompile when a
+        float first changes, after which Dynamo keeps it symbolic). On CUDA pass lr as a tensor.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.

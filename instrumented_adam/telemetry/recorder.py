@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import sqlite3
 import subprocess
@@ -41,12 +42,39 @@ from typing import Any, Mapping
 import torch
 
 from . import lineage
+from ..core.stats import StepStatistics
 from ..core.table import EPOCH_STATS, STEP_STATS
 from .capture import CapturedBlock, StepCapture
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, model_fingerprint, rng_state
 from . import ranks as _ranks
 from .store import THETA0_ORIGIN_KEY, RunStore, StoreError
 from .writer import AGGREGATES, EPOCH_FIGURES, LAYER_COLUMNS, STEP_FIGURES, RunWriter
+
+#: Recorders whose step hook was traced by torch.compile, by the key the graph's op carries.
+_COMPILED_HOOKS: dict[int, "weakref.ref[Recorder]"] = {}
+_HOOK_KEYS = itertools.count(1)
+
+
+@torch.library.custom_op("instrumented_adam_py::record_step", mutates_args=("token",))
+def _record_step(token: torch.Tensor, stats: torch.Tensor, step_count: torch.Tensor, numel: torch.Tensor,
+                 groups: torch.Tensor, prev_step_sumsq: torch.Tensor | None, num_groups: int, key: int) -> None:
+    """The recorder's step hook inside a compiled graph (see `Recorder._trace_step`): the step's
+    statistics and their context as the graph computed them (the optimizer's Python-side state
+    set in the same compiled call is written only after the graph ran). `token` is declared
+    mutated so that the graph keeps the op, in its place after the optimizer's step."""
+    ref = _COMPILED_HOOKS.get(key)
+    rec = ref() if ref is not None else None
+    if rec is not None and not rec._closed:
+        steps_done = int(step_count.reshape(-1)[0])
+        stats = StepStatistics(values=stats, numel=numel, groups=groups, num_groups=num_groups, names=None,
+                               prev_step_sumsq=prev_step_sumsq, step=steps_done)
+        rec._on_compiled_step(stats, steps_done)
+
+
+@_record_step.register_fake
+def _record_step_fake(token, stats, step_count, numel, groups, prev_step_sumsq, num_groups, key) -> None:
+    return None
+
 
 #: How each statistics column combines across ranks (core.table: "sum", "max" or "count").
 _STEP_KINDS: tuple[str, ...] = tuple(spec.combine for spec in STEP_STATS)
@@ -217,7 +245,7 @@ class Recorder:
             self.step_every = int(getattr(self, "_inactive_step_every", 1))
             self.flush_every = int(getattr(self, "_inactive_flush_every", 100))
             self._capture = StepCapture(self.step_every, self.flush_every, self._emit)
-            self._handle = optimizer.register_step_post_hook(self._on_step_inactive)
+            self._register_hook(self._on_step_inactive)
 
     def _bind_ranks(self, optimizer: Any) -> torch.optim.Optimizer:
         """The instrumented optimizer inside `optimizer`, noting whether its figures need combining
@@ -233,8 +261,10 @@ class Recorder:
             self._combiner = _ranks.shard_combiner(optimizer, optimizer, self.world_size)
         return self._combiner
 
-    @torch.compiler.disable
     def _on_step_inactive(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._trace_step(optimizer)
+            return
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
 
     @staticmethod
@@ -352,19 +382,54 @@ class Recorder:
         self._writer.epoch = self._epoch
 
     def _attach(self) -> None:
-        self._handle = self.optimizer.register_step_post_hook(self._on_step)
+        self._register_hook(self._on_step)
         _ATTACHED[self.optimizer] = weakref.ref(self)
 
+    def _register_hook(self, hook: Any) -> None:
+        """The step post-hook, and the key under which a compiled graph's `record_step` finds it."""
+        self._hook_key = next(_HOOK_KEYS)
+        self._hook_token = torch.zeros(1)
+        _COMPILED_HOOKS[self._hook_key] = weakref.ref(self)
+        self._handle = self.optimizer.register_step_post_hook(hook)
+
     # ---- the per-step hot path --------------------------------------------------------------
-    # Not traced by torch.compile: its host bookkeeping (the capture's pending list, step numbers)
-    # would be guards that change every step. A compiled step with a recorder attached therefore
-    # breaks the graph once, after the optimizer's own ops (fullgraph=True needs no recorder).
-    @torch.compiler.disable
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
+        if torch.compiler.is_compiling():
+            self._trace_step(optimizer)
+            return
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
         if getattr(optimizer, "histogram_every", 0):
             self._capture_histograms(optimizer)
+        self._heartbeat()
+
+    # Under torch.compile the hook's host bookkeeping (the ring's fill count, the pending step
+    # meta, flushes to SQLite) cannot be graph ops, and traced as Python it would be guards that
+    # change every step (a recompile per step). The traced hook is therefore one opaque op,
+    # `record_step`, whose inputs are the statistics buffer and the step counter as the graph
+    # computed them: when the compiled step runs, the op runs the eager capture on them. No guard
+    # changes from step to step, so a module-global optimizer compiles with fullgraph=True.
+    def _trace_step(self, optimizer: torch.optim.Optimizer) -> None:
+        ia = optimizer._ia
+        if ia.layout is None or ia.layout.stats is None:
+            return  # nothing measured (statistics off): nothing to record
+        layout = ia.layout
+        prev = ia.prev_step_sumsq
+        if ia.has_prev_epoch and optimizer.epoch_geometry and (prev is None or prev.shape[0] != layout.stats.shape[0]):
+            prev = ia.prev_step_sumsq = optimizer._prev_sumsq_from_state()  # after a load (once)
+        elif not (ia.has_prev_epoch and optimizer.epoch_geometry):
+            prev = None
+        _record_step(self._hook_token, layout.stats, ia.step_count, ia.active_numel, layout.groups, prev,
+                     len(layout.num_params), self._hook_key)
+
+    def _on_compiled_step(self, stats: Any, steps_done: int) -> None:
+        """`_on_step` of a compiled step (called by the `record_step` op when the graph runs it)."""
+        optimizer = self.optimizer
+        self._capture.capture(optimizer, steps_done + self._step_offset, self._epoch, stats=stats)
+        if self.active:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._last_heartbeat > self.heartbeat_seconds:
             # Long stretches without a write (slow steps, a large flush_every) must not let the
@@ -850,6 +915,7 @@ class Recorder:
                 if self._handle is not None:
                     self._handle.remove()
                     self._handle = None
+                    _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
             return
         try:
             self.flush()
@@ -858,6 +924,7 @@ class Recorder:
             if self._handle is not None:
                 self._handle.remove()
                 self._handle = None
+                _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
             if _ATTACHED.get(self.optimizer) is not None and _ATTACHED[self.optimizer]() is self:
                 del _ATTACHED[self.optimizer]
             try:
