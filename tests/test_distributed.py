@@ -258,6 +258,7 @@ def test_wrappers_are_unwrapped(tmp_path):
 SHARD_STEPS = 50
 SHARD_EPOCH_EVERY = 10
 SHARD_SCENARIOS = ("fsdp2", "fsdp1_orig", "fsdp1_flat", "zero")
+HISTOGRAM_EVERY = 5  # histograms too are combined (their counts add over the shards)
 #: The per-tensor norms whose squares add over the parameters a flat parameter holds.
 _SUMSQ_NORMS = ("grad_norm", "update_norm", "param_norm", "step_norm")
 
@@ -343,7 +344,8 @@ def _shard_worker(rank: int, init_file: str, out: str, scenarios: tuple[str, ...
             zero = scenario == "zero"
             # Ours, recorded (ZeRO passes lr itself: the class is its optimizer_class).
             model = _shard_model()
-            make = (lambda params, **kw: ia.Adam(params, **kw)) if zero else (lambda params: ia.Adam(params, lr=1e-2))
+            make = ((lambda params, **kw: ia.Adam(params, histogram_every=HISTOGRAM_EVERY, **kw)) if zero
+                    else (lambda params: ia.Adam(params, lr=1e-2, histogram_every=HISTOGRAM_EVERY)))
             module, opt, wrapper, full = _wrap(scenario, model, make)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -391,7 +393,7 @@ def _shard_worker(rank: int, init_file: str, out: str, scenarios: tuple[str, ...
 
 def _single_shard_run(path: Path) -> None:
     model = _shard_model()
-    opt = ia.Adam(model.parameters(), lr=1e-2)
+    opt = ia.Adam(model.parameters(), lr=1e-2, histogram_every=HISTOGRAM_EVERY)
     with Recorder(opt, path, "single", model=model, flush_every=7) as rec:
         _train_shard(model, opt, lambda: rec.end_epoch())
     torch.save([p.detach().clone() for p in model.parameters()], path.with_suffix(".pt"))
@@ -442,9 +444,22 @@ def test_sharded_training_records_the_whole_models_figures(sharded_runs, scenari
         assert "figures_scope" not in store.run_info(int(runs["run_id"].iloc[0]))["hyperparameters"]
         steps, epochs, layers = store.steps(), store.epochs(), store.layers()
         rsteps, repochs, rlayers = ref.steps(), ref.epochs(), ref.layers()
+        hist, rhist = store.histograms(), ref.histograms()
     assert len(steps) == SHARD_STEPS and len(epochs) == SHARD_STEPS // SHARD_EPOCH_EVERY
     _assert_frames_close(steps, rsteps, STEP_FIGURES, "step rows")
     _assert_frames_close(epochs, repochs, (*EPOCH_FIGURES, *AGGREGATES), "epoch rows")
+    # Histograms (every HISTOGRAM_EVERY steps): one per layer row and kind, as in one process.
+    assert len(rhist) == SHARD_STEPS // HISTOGRAM_EVERY * 4 * 3
+    assert len(hist) == len(rhist) * (2 if scenario == "fsdp1_flat" else 4) // 4
+    key = ["step", "layer", "kind"]
+    if scenario != "fsdp1_flat":  # the same histograms, count for count
+        merged = hist.merge(rhist, on=key, suffixes=("", "_ref"))
+        assert len(merged) == len(rhist) and merged["counts"].map(list).equals(merged["counts_ref"].map(list))
+    else:  # a flat parameter's counts are its parameters' summed
+        flat = hist.set_index(key)["counts"]
+        for (step, layer, kind), counts in flat.items():
+            parts = rhist[(rhist["step"] == step) & (rhist["kind"] == kind) & rhist["layer"].isin(layer.split("+"))]
+            assert list(counts) == list(sum(parts["counts"].map(lambda c: c.astype("int64")))), (step, layer, kind)
     if scenario == "fsdp1_flat":
         # One row per flat parameter, named by the parameters it holds; its norms are theirs together.
         assert sorted(set(layers["layer"])) == ["0.weight+0.bias", "2.weight+2.bias"]

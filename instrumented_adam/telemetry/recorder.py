@@ -239,6 +239,7 @@ class Recorder:
         self._epoch_start_step = int(optimizer.steps_done) + self._step_offset
         self._handle = None
         self._capture = None
+        self._histograms_pending = []
         if self._sharded_combiner(optimizer) is not None:
             # Sharded: this rank's sums are part of every figure, so it captures its steps as rank 0
             # does and takes part in each flush's and epoch end's combination (writing nothing).
@@ -266,6 +267,8 @@ class Recorder:
             self._trace_step(optimizer)
             return
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
+        if getattr(optimizer, "histogram_every", 0):
+            self._capture_histograms(optimizer)
 
     @staticmethod
     def _default_run_name() -> str:
@@ -426,6 +429,8 @@ class Recorder:
         """`_on_step` of a compiled step (called by the `record_step` op when the graph runs it)."""
         optimizer = self.optimizer
         self._capture.capture(optimizer, steps_done + self._step_offset, self._epoch, stats=stats)
+        if getattr(optimizer, "histogram_every", 0):  # (a histogram step breaks the graph before this)
+            self._capture_histograms(optimizer)
         if self.active:
             self._heartbeat()
 
@@ -459,7 +464,17 @@ class Recorder:
             return
         from ..core.histogram import HISTOGRAM_NAMES  # noqa: PLC0415 (the core layer, below this one)
 
-        names = self._layer_names(local=True)  # histograms are this rank's (not combined)
+        if self._combiner is not None:
+            # Sharded: the counts of every rank's shards add up (integers, exact in float64 up to
+            # 2^53 elements per bin): one all_reduce for all the pending histogram steps.
+            stacked = torch.stack([counts for _, _, counts in pending])
+            k, rows_, kinds, bins = stacked.shape
+            (combined,) = self._combiner.reduce([(stacked.reshape(k, rows_, kinds * bins), ("count",) * (kinds * bins))])
+            combined = combined.reshape(k, -1, kinds, bins).to(torch.int64)
+            pending = [(step, epoch, combined[j]) for j, (step, epoch, _) in enumerate(pending)]
+            if not self.active:
+                return
+        names = self._layer_names()
         rows = []
         for step, epoch, counts in pending:
             host = counts.cpu().numpy()
@@ -512,6 +527,7 @@ class Recorder:
         if not self.active:
             if self._capture is not None:  # sharded: this rank's part of the buffered figures
                 self._capture.take()
+                self._write_histograms()
             return
         self._capture.take()
         if self._writer is not None:
