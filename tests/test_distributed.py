@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import warnings
@@ -34,6 +33,7 @@ from instrumented_adam.telemetry.ranks import (
 )
 from instrumented_adam.telemetry.recorder import Recorder
 from instrumented_adam.telemetry.store import RunStore
+from instrumented_adam.telemetry.writer import AGGREGATES, EPOCH_FIGURES, STEP_FIGURES
 
 WORLD = 2
 EPOCHS = 3
@@ -251,6 +251,235 @@ def test_wrappers_are_unwrapped(tmp_path):
         Recorder(_AcceleratedLike(plain), tmp_path / "x.sqlite")
 
 
+# ---- sharded optimizers: ZeRO, FSDP1, FSDP2 ---------------------------------------------------
+# Each rank trains on the same full batch, so the averaged gradient ((g + g) / 2, exact in float64)
+# is the single process's: the parameters then agree to rounding, and every recorded figure
+# depends only on how the shards' sums are combined. float64 models keep that within 1e-9.
+SHARD_STEPS = 50
+SHARD_EPOCH_EVERY = 10
+SHARD_SCENARIOS = ("fsdp2", "fsdp1_orig", "fsdp1_flat", "zero")
+HISTOGRAM_EVERY = 5  # histograms too are combined (their counts add over the shards)
+#: The per-tensor norms whose squares add over the parameters a flat parameter holds.
+_SUMSQ_NORMS = ("grad_norm", "update_norm", "param_norm", "step_norm")
+
+
+def _shard_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Linear(8, 3): 27 elements, odd, so FSDP1 pads its flat parameter and FSDP2 shards it unevenly.
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _shard_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return (torch.randn(8, 5, generator=g, dtype=torch.float64),
+            torch.randn(8, 3, generator=g, dtype=torch.float64))
+
+
+def _shard_features() -> dict[str, str | None]:
+    """Why a scenario cannot run with this torch build (None: it can)."""
+    reasons: dict[str, str | None] = dict.fromkeys(SHARD_SCENARIOS)
+    if not dist.is_available():
+        return dict.fromkeys(SHARD_SCENARIOS, "torch.distributed is not available")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        reasons["fsdp2"] = "this torch has no torch.distributed.fsdp.fully_shard (FSDP2)"
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
+    except ImportError:
+        reasons["fsdp1_orig"] = reasons["fsdp1_flat"] = "this torch has no FullyShardedDataParallel"
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: F401
+    except ImportError:
+        reasons["zero"] = "this torch has no ZeroRedundancyOptimizer"
+    return reasons
+
+
+def _wrap(scenario: str, model: torch.nn.Module, make_opt):
+    """(module to call, optimizer to step, wrapper given to the Recorder, full-parameters getter)."""
+    if scenario == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model)
+        opt = make_opt(model.parameters())
+        return model, opt, opt, lambda: [p.full_tensor().clone() for p in model.parameters()]
+    if scenario.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        kwargs = {"device_id": torch.device("cpu"), "use_orig_params": scenario == "fsdp1_orig"}
+        model[0] = FSDP(model[0], **kwargs)
+        fsdp = FSDP(model, **kwargs)
+        opt = make_opt(fsdp.parameters())
+
+        def full():
+            with FSDP.summon_full_params(fsdp):
+                return [p.detach().clone() for p in fsdp.parameters()]
+        return fsdp, opt, opt, full
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=make_opt, lr=1e-2)
+    return ddp, zero, zero, lambda: [p.detach().clone() for p in model.parameters()]
+
+
+def _train_shard(module, opt, end_epoch) -> None:
+    for i in range(SHARD_STEPS):
+        x, y = _shard_batch(i)
+        loss = torch.nn.functional.mse_loss(module(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i % SHARD_EPOCH_EVERY == SHARD_EPOCH_EVERY - 1:
+            end_epoch()
+
+
+def _shard_worker(rank: int, init_file: str, out: str, scenarios: tuple[str, ...]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        results = {}
+        for scenario in scenarios:
+            zero = scenario == "zero"
+            # Ours, recorded (ZeRO passes lr itself: the class is its optimizer_class).
+            model = _shard_model()
+            make = ((lambda params, **kw: ia.Adam(params, histogram_every=HISTOGRAM_EVERY, **kw)) if zero
+                    else (lambda params: ia.Adam(params, lr=1e-2, histogram_every=HISTOGRAM_EVERY)))
+            module, opt, wrapper, full = _wrap(scenario, model, make)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rec = Recorder(wrapper, Path(out) / f"{scenario}.sqlite", scenario, model=model, flush_every=7)
+            _train_shard(module, opt, lambda: rec.end_epoch())
+            # Rank 0's file would hold its shard only: refused on every rank (none left waiting).
+            with pytest.raises(RuntimeError, match="distributed checkpoint"):
+                rec.save_checkpoint(Path(out) / f"{scenario}-{rank}.pt")
+            rec.close()
+            local = unwrap_optimizer(opt)
+            state = local.state[next(p for g in local.param_groups for p in g["params"])]
+            ours = full()
+            # torch's Adam under the same wrapper (foreach; ZeRO: its default)
+            model = _shard_model()
+            make = ((lambda params, **kw: torch.optim.Adam(params, foreach=True, **kw)) if zero
+                    else (lambda params: torch.optim.Adam(params, lr=1e-2, foreach=True)))
+            module, topt, _, tfull = _wrap(scenario, model, make)
+            _train_shard(module, topt, lambda: None)
+            tlocal = topt.optim if zero else topt
+            tstate = tlocal.state[next(p for g in tlocal.param_groups for p in g["params"])]
+            interchange = None
+            if scenario == "fsdp2":  # state_dicts load both ways, as between torch's Adams
+                theirs = torch.optim.Adam(list(opt.param_groups[0]["params"]), lr=1e-2, foreach=True)
+                theirs.load_state_dict(opt.state_dict())
+                again = ia.Adam(list(topt.param_groups[0]["params"]), lr=1e-2)
+                again.load_state_dict(topt.state_dict())
+                interchange = all(
+                    type(a.state[p][k]).__name__ == "DTensor"
+                    and torch.equal(a.state[p][k].to_local(), b.state[p][k].to_local())
+                    for a, b in ((theirs, opt), (again, topt))
+                    for p in a.param_groups[0]["params"] for k in ("exp_avg", "exp_avg_sq"))
+            results[scenario] = {
+                "interchange": interchange,
+                "ours": ours, "torch": tfull(), "active": rec.active,
+                "warnings": [str(w.message) for w in caught],
+                "state_types": {k: type(v).__name__ for k, v in state.items()},
+                "torch_state_types": {k: type(v).__name__ for k, v in tstate.items()},
+            }
+        torch.save(results, Path(out) / f"shard{rank}.pt")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _exit_cleanly()
+
+
+def _single_shard_run(path: Path) -> None:
+    model = _shard_model()
+    opt = ia.Adam(model.parameters(), lr=1e-2, histogram_every=HISTOGRAM_EVERY)
+    with Recorder(opt, path, "single", model=model, flush_every=7) as rec:
+        _train_shard(model, opt, lambda: rec.end_epoch())
+    torch.save([p.detach().clone() for p in model.parameters()], path.with_suffix(".pt"))
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shard")
+    reasons = _shard_features()
+    scenarios = tuple(s for s in SHARD_SCENARIOS if reasons[s] is None)
+    if scenarios:
+        mp.spawn(_shard_worker, args=(str(tmp / "init"), str(tmp), scenarios), nprocs=WORLD, join=True)
+    _single_shard_run(tmp / "single.sqlite")
+    results = [torch.load(tmp / f"shard{r}.pt", weights_only=False) for r in range(WORLD)] if scenarios else [{}, {}]
+    return tmp, reasons, results
+
+
+def _assert_frames_close(a, b, columns, what: str) -> None:
+    for col in columns:
+        x = torch.tensor(a[col].to_numpy(dtype=float))
+        y = torch.tensor(b[col].to_numpy(dtype=float))
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, equal_nan=True, msg=lambda m: f"{what} {col}: {m}")
+
+
+@pytest.mark.parametrize("scenario", SHARD_SCENARIOS)
+def test_sharded_training_records_the_whole_models_figures(sharded_runs, scenario):
+    tmp, reasons, results = sharded_runs
+    if reasons[scenario] is not None:
+        pytest.skip(reasons[scenario])
+    mine = [r[scenario] for r in results]
+    assert [r["active"] for r in mine] == [True, False]
+    # No "partial figures" note any more: the figures are the whole model's.
+    assert not any("partition" in w or "shards" in w for r in mine for w in r["warnings"])
+    # Parameters: equal to one process's run of ours, and to torch's Adam under the same wrapper.
+    single = torch.load(tmp / "single.pt")
+    for r in mine:
+        for a, b, t in zip(r["ours"], single, r["torch"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(a, t, rtol=1e-12, atol=1e-13)
+    if scenario == "fsdp2":  # state tensors are DTensors, as torch's Adam makes them under FSDP2
+        ours, theirs = mine[0]["state_types"], mine[0]["torch_state_types"]
+        assert all(ours[k] == theirs[k] for k in theirs), (ours, theirs)
+        assert ours["exp_avg"] == "DTensor" and ours["epoch_start_param"] == "DTensor"
+        assert all(r["interchange"] for r in mine)
+    with RunStore(tmp / f"{scenario}.sqlite") as store, RunStore(tmp / "single.sqlite") as ref:
+        runs = store.runs()
+        assert list(runs["name"]) == [scenario]
+        assert "figures_scope" not in store.run_info(int(runs["run_id"].iloc[0]))["hyperparameters"]
+        steps, epochs, layers = store.steps(), store.epochs(), store.layers()
+        rsteps, repochs, rlayers = ref.steps(), ref.epochs(), ref.layers()
+        hist, rhist = store.histograms(), ref.histograms()
+    assert len(steps) == SHARD_STEPS and len(epochs) == SHARD_STEPS // SHARD_EPOCH_EVERY
+    _assert_frames_close(steps, rsteps, STEP_FIGURES, "step rows")
+    _assert_frames_close(epochs, repochs, (*EPOCH_FIGURES, *AGGREGATES), "epoch rows")
+    # Histograms (every HISTOGRAM_EVERY steps): one per layer row and kind, as in one process.
+    assert len(rhist) == SHARD_STEPS // HISTOGRAM_EVERY * 4 * 3
+    assert len(hist) == len(rhist) * (2 if scenario == "fsdp1_flat" else 4) // 4
+    key = ["step", "layer", "kind"]
+    if scenario != "fsdp1_flat":  # the same histograms, count for count
+        merged = hist.merge(rhist, on=key, suffixes=("", "_ref"))
+        assert len(merged) == len(rhist) and merged["counts"].map(list).equals(merged["counts_ref"].map(list))
+    else:  # a flat parameter's counts are its parameters' summed
+        flat = hist.set_index(key)["counts"]
+        for (step, layer, kind), counts in flat.items():
+            parts = rhist[(rhist["step"] == step) & (rhist["kind"] == kind) & rhist["layer"].isin(layer.split("+"))]
+            assert list(counts) == list(sum(parts["counts"].map(lambda c: c.astype("int64")))), (step, layer, kind)
+    if scenario == "fsdp1_flat":
+        # One row per flat parameter, named by the parameters it holds; its norms are theirs together.
+        assert sorted(set(layers["layer"])) == ["0.weight+0.bias", "2.weight+2.bias"]
+        for flat, names in (("0.weight+0.bias", ("0.weight", "0.bias")), ("2.weight+2.bias", ("2.weight", "2.bias"))):
+            got = layers[layers["layer"] == flat].sort_values("epoch")
+            parts = [rlayers[rlayers["layer"] == n].sort_values("epoch") for n in names]
+            assert list(got["numel"]) == list(sum(p["numel"].to_numpy() for p in parts))  # FSDP's padding left out
+            for col in _SUMSQ_NORMS:
+                expect = sum(p[col].to_numpy() ** 2 for p in parts) ** 0.5
+                torch.testing.assert_close(torch.tensor(got[col].to_numpy()), torch.tensor(expect), rtol=1e-9, atol=1e-12)
+        return
+    # Layer rows: every parameter, under the module's names, with the single process's figures.
+    layers = layers.sort_values(["epoch", "layer_index"]).reset_index(drop=True)
+    rlayers = rlayers.sort_values(["epoch", "layer_index"]).reset_index(drop=True)
+    assert list(layers["layer"]) == list(rlayers["layer"])
+    assert set(layers["layer"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert list(layers["numel"]) == list(rlayers["numel"])
+    _assert_frames_close(layers, rlayers, (*EPOCH_FIGURES, *STEP_FIGURES), "layer rows")
+
+
 def _zero_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     # A bounded timeout: a rank whose peer failed must fail too, not wait in a collective forever.
@@ -262,14 +491,13 @@ def _zero_worker(rank: int, init_file: str, out: str) -> None:
         model = _model()
         zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ia.Adam, lr=1e-2)
         assert unwrap_optimizer(zero) is zero.optim
-        # Rank 0 records (and says its figures are partial); rank 1 records nothing.
-        with pytest.warns(RuntimeWarning, match="this rank's partition") if rank == 0 else contextlib.nullcontext():
-            rec = Recorder(zero, Path(out) / "zero.sqlite", "zero", model=model)
-        note = None
+        rec = Recorder(zero, Path(out) / "zero.sqlite", "zero", model=model)
+        note = "no run"
         if rec.active:
-            note = rec.store.run_info(rec.run_id)["hyperparameters"]["figures_scope"]
+            note = rec.store.run_info(rec.run_id)["hyperparameters"].get("figures_scope")
         rec.close()
-        torch.save({"local": type(unwrap_optimizer(zero)).__name__, "note": note}, Path(out) / f"zero{rank}.pt")
+        torch.save({"local": type(unwrap_optimizer(zero)).__name__, "note": note,
+                    "combiner": rec._combiner.kind if rec._combiner is not None else None}, Path(out) / f"zero{rank}.pt")
     except BaseException:
         dist.destroy_process_group()
         raise
@@ -280,8 +508,9 @@ def test_zero_redundancy_optimizer_is_unwrapped_to_its_local_optimizer(tmp_path)
     mp.spawn(_zero_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"zero{r}.pt") for r in range(WORLD)]
     assert [r["local"] for r in results] == ["Adam", "Adam"]
-    # Partial figures are recorded as what they are, not as the model's (global sums: not yet).
-    assert "partition" in results[0]["note"] and results[1]["note"] is None
+    # Both ranks combine their partitions' sums; rank 0 records them with no "partial" note.
+    assert [r["combiner"] for r in results] == ["partition", "partition"]
+    assert results[0]["note"] is None and results[1]["note"] == "no run"
 
 
 def test_bad_rank_options():

@@ -125,3 +125,44 @@ def _sum_of_squares_fake(tensors, out) -> None:
                  lambda: f"instrumented_adam: out must be a float64 tensor of {len(tensors)} elements, "
                          f"got {out.dtype} {tuple(out.shape)}")
     return None
+
+
+# ---- the step with its scalars as tensors (for torch.compile) -------------------------------
+# adam_step takes beta1, beta2, eps and weight_decay as `float`s (the kernels compute the per-step
+# scalars on the host in double). Inside a torch.compile graph a float argument of an op is a
+# constant: a value that changes between steps (a scheduler's lr or momentum as a Python float —
+# OneCycleLR's cycle_momentum writes beta1 as a float every step; a tensor beta read with .item())
+# is a guard that fails at every step, one recompile per step. This op takes them as tensors, so
+# they are graph inputs, and reads them on the host when it runs: free for CPU tensors, which is
+# where it is used (the step builds them from the Python values, or takes the user's CPU tensors).
+_SCALAR_MUTATED = ("params", "grads", "exp_avgs", "second_moments", "max_second_moments", "prev_epoch_steps",
+                   "state_steps", "stats", "histograms")
+
+
+@torch.library.custom_op("instrumented_adam_py::adam_step_tensor_scalars", mutates_args=_SCALAR_MUTATED)
+def adam_step_tensor_scalars(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], second_moments: list[Tensor],
+    max_second_moments: list[Tensor], prev_epoch_steps: list[Tensor], state_steps: list[Tensor],
+    scalars: Tensor, lr_tensor: Tensor | None, algorithm: int, amsgrad: bool, maximize: bool,
+    grad_scale: Tensor | None, found_inf: Tensor | None, stats: Tensor | None, stat_rows: list[int],
+    histograms: Tensor | None,
+) -> None:
+    """`adam_step` with [lr, beta1, beta2, eps, weight_decay] as one float64 CPU tensor `scalars`
+    (lr is ignored when `lr_tensor` is given). Used by `core.functional` under torch.compile."""
+    lr, beta1, beta2, eps, weight_decay = scalars.tolist()
+    extra = {"histograms": histograms} if histograms is not None else {}
+    adam_step(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
+              algorithm=algorithm, lr=0.0 if lr_tensor is not None else lr, lr_tensor=lr_tensor, beta1=beta1,
+              beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+              grad_scale=grad_scale, found_inf=found_inf, stats=stats, stat_rows=stat_rows, **extra)
+
+
+@adam_step_tensor_scalars.register_fake
+def _adam_step_tensor_scalars_fake(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps,
+                                   state_steps, scalars, lr_tensor, algorithm, amsgrad, maximize, grad_scale,
+                                   found_inf, stats, stat_rows, histograms) -> None:
+    torch._check(scalars.numel() == 5, lambda: "instrumented_adam: scalars must hold lr, beta1, beta2, eps, weight_decay")
+    return _adam_step_fake(params, grads, exp_avgs, second_moments, max_second_moments, prev_epoch_steps, state_steps,
+                           algorithm=algorithm, lr=0.0, lr_tensor=lr_tensor, beta1=0.0, beta2=0.0, weight_decay=0.0,
+                           eps=0.0, amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+                           stats=stats, stat_rows=stat_rows, histograms=histograms)

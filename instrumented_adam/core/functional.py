@@ -49,7 +49,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.adamax import adamax as _torch_adamax
 
 from . import reference
-from ._ops import NUM_STATS, Algorithm, adam_step
+from ._ops import NUM_STATS, Algorithm, adam_step, adam_step_tensor_scalars
 
 
 def _check_hyperparameters(lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
@@ -58,6 +58,11 @@ def _check_hyperparameters(lr: float | Tensor, beta1: float, beta2: float, eps: 
     Only Python numbers are compared: a value check on a tensor would synchronise with the GPU
     (and break a torch.compile graph), so tensor hyperparameters are left to the op.
     """
+    if torch.compiler.is_compiling():
+        # In a graph a comparison of a changing float is a guard on its value (a recompile per
+        # step under a scheduler): checked when the step runs eagerly, and by the classes'
+        # constructors (torch.optim's); torch's own functional adam never checks them.
+        return
     if not (isinstance(lr, Tensor) or isinstance(beta1, Tensor) or isinstance(beta2, Tensor)
             or isinstance(eps, Tensor) or isinstance(weight_decay, Tensor)):  # the hot path: one test
         if 0.0 <= lr and 0.0 <= eps and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and 0.0 <= weight_decay:
@@ -72,6 +77,14 @@ def _check_hyperparameters(lr: float | Tensor, beta1: float, beta2: float, eps: 
     for value, valid, message in checks:
         if not isinstance(value, Tensor) and not valid(value):
             raise ValueError(message)
+
+
+def _scalars_on_host(params: Sequence[Tensor], *scalars: float | Tensor) -> bool:
+    """Whether the step's scalars can be read on the host for free: CPU parameters (the tensor-scalar
+    op is for them; a CUDA step reads only lr on the device) and no scalar on another device."""
+    if params and params[0].device.type != "cpu":
+        return False
+    return all(not isinstance(x, Tensor) or x.device.type == "cpu" for x in scalars)
 
 
 def _as_real(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -116,6 +129,18 @@ def _fused(
         second_moments, max_second_moments = _as_real(second_moments), _as_real(max_second_moments)
         prev_epoch_steps = _as_real(prev_epoch_steps)
     lr_tensor = lr if isinstance(lr, Tensor) else None
+    if torch.compiler.is_compiling() and _scalars_on_host(params, lr, beta1, beta2, eps, weight_decay):
+        # In a graph: the scalars as a tensor input, not constants guarded on their value (a
+        # scheduler changing beta1 or lr would recompile every step; see _ops.adam_step_tensor_scalars).
+        # (torch.full, not torch.as_tensor: Dynamo keeps a changing float symbolic only through the former.)
+        scalars = torch.stack([x.detach().to(torch.float64).reshape(()) if isinstance(x, Tensor)
+                               else torch.full((), x, dtype=torch.float64)
+                               for x in (0.0 if lr_tensor is not None else lr, beta1, beta2, eps, weight_decay)])
+        adam_step_tensor_scalars(
+            list(params), list(grads), list(exp_avgs), list(second_moments), list(max_second_moments),
+            list(prev_epoch_steps), list(state_steps), scalars, lr_tensor, int(algorithm), bool(amsgrad),
+            bool(maximize), grad_scale, found_inf, stats, list(stat_rows), histograms)
+        return
     adam_step(
         # The op's schema takes lists; the classes pass lists (no copy on their hot path).
         params if isinstance(params, list) else list(params),

@@ -132,6 +132,48 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+try:  # torch.distributed may be left out of a build (some macOS and mobile wheels)
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    _DTensor = None
+
+
+def _padding(p: Tensor) -> int:
+    """Elements at the end of an FSDP1 FlatParameter's local shard that belong to no parameter.
+
+    FSDP pads a flat parameter so that it divides into equal shards; the padding is zero and its
+    gradient is zero, so the update leaves it at zero. Stepping it anyway would add its elements
+    to the statistics (an effective step size of lr/(bc1·eps) each, and to the element counts):
+    the kernel is given the shard without it.
+    """
+    if not getattr(p, "_is_flat_param", False):
+        return 0
+    return int(getattr(p, "_shard_numel_padded", 0) or 0)
+
+
+def _local(t: Tensor, padding: int = 0) -> Tensor:
+    """The part of a (sharded) parameter, gradient or state tensor that this rank steps.
+
+    A DTensor (FSDP2's `fully_shard` parameters, their gradients and the state created from
+    them) gives its local shard; an FSDP1 FlatParameter's shard (1-D) and its companions give
+    their first numel − `padding` elements (see `_padding`); anything else is itself. The kernels
+    are plain ops without a DTensor rule: they run on these local tensors, which share storage
+    with the originals, so the in-place update reaches them (torch's fused Adam does the same
+    through DTensor's dispatch). The statistics are then those of this rank's shard; the recorder
+    combines them across ranks (telemetry.ranks.ShardCombiner).
+    """
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    if padding:
+        return t.view(-1)[: t.numel() - padding]
+    return t
+
+
+def _is_sharded(p: Tensor) -> bool:
+    """Whether the kernel steps a local view of p rather than p itself (see `_local`)."""
+    return (_DTensor is not None and isinstance(p, _DTensor)) or _padding(p) > 0
+
+
 @dataclass
 class _GroupPlan:
     """The kernel's argument lists for one param group, rebuilt only when something changes."""
@@ -149,6 +191,10 @@ class _GroupPlan:
     relayout: list[int] = field(default_factory=list)
     strides: list[tuple[int, ...]] = field(default_factory=list)  # of params (their real views)
     has_complex: bool = False
+    # Some params are sharded (FSDP2 DTensors, padded FSDP1 flat params): `params` holds what the
+    # kernel steps (see _local), looked up again at each step, since FSDP may give a parameter new
+    # storage (a reshard after a state_dict load); their gradients are looked up likewise.
+    distributed: bool = False
 
 
 @dataclass
@@ -362,7 +408,8 @@ class _Instrumented:
             offsets.append(start)
             start += n
         all_params = [p for g in self.param_groups for p in g["params"]]
-        numel = _host_list_to([float(p.numel()) for p in all_params], torch.float64, device)
+        # Per-element means divide by this rank's elements (a DTensor's local shard, not its global size).
+        numel = _host_list_to([float(_local(p, _padding(p)).numel()) for p in all_params], torch.float64, device)
         groups = _host_list_to([i for i, n in enumerate(num_params) for _ in range(n)], torch.long, device)
         stats = torch.zeros(start, NUM_STATS, dtype=torch.float64, device=device) if self.statistics else None
         histograms = None
@@ -462,23 +509,27 @@ class _Instrumented:
         params, exp_avgs, seconds, maxes, prevs, steps, relayout = [], [], [], [], [], [], []
         amsgrad = bool(group.get("amsgrad", False))
         track_prev = self.statistics and self.epoch_geometry and self._ia.has_prev_epoch
+        distributed = False
         for pos, i in enumerate(indices):
             p = group["params"][i]
             state = self._init_state(p, group)
-            if not p.is_complex() and p.numel() > 0 and not _is_dense(p):
+            distributed |= _is_sharded(p)
+            pad = _padding(p)
+            lp = _local(p, pad)
+            if not lp.is_complex() and lp.numel() > 0 and not _is_dense(lp):
                 relayout.append(pos)
-            params.append(_real(p))
-            exp_avgs.append(_real(state["exp_avg"]))
-            seconds.append(_real(state[self._second_moment_key]))
+            params.append(_real(lp))
+            exp_avgs.append(_real(_local(state["exp_avg"], pad)))
+            seconds.append(_real(_local(state[self._second_moment_key], pad)))
             if amsgrad:
-                maxes.append(_real(state["max_exp_avg_sq"]))
+                maxes.append(_real(_local(state["max_exp_avg_sq"], pad)))
             if track_prev:
-                prevs.append(_real(state[PREV_EPOCH_STEP_KEY]))
+                prevs.append(_real(_local(state[PREV_EPOCH_STEP_KEY], pad)))
             steps.append(state["step"])
         rows = [] if len(indices) == num_params else list(indices)
         has_complex = any(group["params"][i].is_complex() for i in indices)
         return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout,
-                          [t.stride() for t in params], has_complex)
+                          [t.stride() for t in params], has_complex, distributed)
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -489,9 +540,10 @@ class _Instrumented:
         graph, with the fused op as one node (its fake kernel is in _ops.py). The plan cache and the
         statistics buffer are built on the first compiled call, so expect a recompile after it and
         after the first end_epoch() (the previous-epoch dot turns on); the step counter is a
-        tensor the graph increments, so steps do not recompile. A Python-float lr that changes
-        every step (a scheduler) recompiles every step, as with torch's optimizers: pass lr as a
-        tensor then.
+        tensor the graph increments, so steps do not recompile. Hyperparameters that a scheduler
+        changes every step (lr, betas; as Python floats or tensors) do not recompile on CPU either:
+        under compile the step's scalars reach the kernel as a tensor input (one recompile when a
+        float first changes, after which Dynamo keeps it symbolic). On CUDA pass lr as a tensor.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
@@ -513,7 +565,7 @@ class _Instrumented:
         if replanned or ia.active_numel is None:
             # Which parameters took part changed: per-element means count only their elements.
             stepped = [set(ia.plans[gi].indices) if gi in ia.plans else set() for gi in range(len(self.param_groups))]
-            active = [float(p.numel()) if i in stepped[gi] else 0.0
+            active = [float(_local(p, _padding(p)).numel()) if i in stepped[gi] else 0.0
                       for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])]
             ia.active_numel = _host_list_to(active, torch.float64, layout.device)
         ia.step_count.add_(1)
@@ -548,6 +600,10 @@ class _Instrumented:
             return replanned
         call_grads = grads if len(plan.indices) == len(params) else [grads[i] for i in plan.indices]
         call_params = plan.params
+        if plan.distributed:  # FSDP: the kernel steps the local shards (see _local)
+            pads = [_padding(params[i]) for i in plan.indices]
+            call_grads = [_local(g, pad) for g, pad in zip(call_grads, pads)]
+            call_params = [_real(_local(params[i], pad)) for i, pad in zip(plan.indices, pads)]
         copies: list[tuple[int, Tensor, Tensor]] = []
         if plan.has_complex:
             call_grads = [torch.view_as_real(g) if g.is_complex() else g for g in call_grads]
@@ -587,6 +643,7 @@ class _Instrumented:
             dense.copy_(g)
             copies.append((pos, g, dense))
             call_grads[pos] = dense
+        targets = call_params  # the tensors a relaid-out parameter's update is copied back into
         if plan.relayout:
             call_params = list(call_params)
             for pos in plan.relayout:
@@ -600,7 +657,7 @@ class _Instrumented:
                               stats=stats, stat_rows=plan.stat_rows, grad_scale=grad_scale, found_inf=found_inf,
                               **({"histograms": histograms} if histograms is not None else {}))
         for pos in plan.relayout:
-            plan.params[pos].copy_(call_params[pos])
+            targets[pos].copy_(call_params[pos])
         if grad_scale is not None:  # the kernel unscaled the gradient copies: write them back
             for pos, original, dense in copies:
                 original.copy_(dense)
@@ -776,9 +833,16 @@ class _Instrumented:
             if not state or EPOCH_START_KEY not in state:
                 continue
             self._conform_epoch_buffers(p, state)
-            if _native_epoch(p, state):
-                has_prev = PREV_EPOCH_STEP_KEY in state
+            has_prev = PREV_EPOCH_STEP_KEY in state
+            if _is_sharded(p):
+                # FSDP: the buffers stay DTensors (as the rest of the state); the pass runs on the
+                # local shards (a zero s_{k-1} measures as none: its dot and norm add exact zeros).
                 if not has_prev:
+                    state[PREV_EPOCH_STEP_KEY] = self._new_prev_step(p)
+                pad = _padding(p)
+                p, state = _local(p, pad), {k: _local(v, pad) if k != "step" else v for k, v in state.items()}
+            if _native_epoch(p, state):
+                if PREV_EPOCH_STEP_KEY not in state:
                     state[PREV_EPOCH_STEP_KEY] = self._new_prev_step(p)
                 native.setdefault((has_prev, INITIAL_PARAM_KEY in state), []).append((row, p, state))
             else:
@@ -901,6 +965,10 @@ class _Instrumented:
             prev = state.get(PREV_EPOCH_STEP_KEY)
             if prev is None:
                 continue
+            if _is_sharded(p):  # FSDP: this rank's shard, as end_epoch measured it
+                pad = _padding(p)
+                p, prev = _local(p, pad), _local(prev, pad)
+                state = {k: _local(v, pad) if k != "step" else v for k, v in state.items()}
             if _native_epoch(p, state):
                 native_rows.append(row)
                 native_prevs.append(_real(prev))

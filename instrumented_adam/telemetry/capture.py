@@ -163,6 +163,17 @@ def _amp_state(optimizer: torch.optim.Optimizer) -> tuple[Any, Any, Any, bool]:
     return found_inf, grad_scale, nonfinite, isinstance(found_inf, Tensor) or isinstance(grad_scale, Tensor)
 
 
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two context tensors are the same: by identity (free; what the eager step hands
+    out), else by value — a compiled step's `record_step` op may be given other tensor objects
+    holding the same small context (element counts, groups, ‖s_{k-1}‖²)."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    return a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
 class StepCapture:
     """The device ring of buffered step statistics and their host-side meta.
 
@@ -200,25 +211,29 @@ class StepCapture:
             layout = self.layout = HyperparameterLayout.of(groups)
         return layout
 
-    def capture(self, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
+    def capture(self, optimizer: torch.optim.Optimizer, step: int, epoch: int, stats: Any = None) -> None:
         """The per-step work: one device copy and a few host numbers. Runs every step, so it
-        is written for speed: identity checks only, a loop over groups (few), none over tensors."""
+        is written for speed: identity checks only, a loop over groups (few), none over tensors.
+
+        stats: the step's `StepStatistics` when the caller has them (a compiled step), else the
+        optimizer's `last_step_statistics(copy=False)`."""
         groups = optimizer.param_groups
         layout = self.hyperparameter_layout(groups)
         hyper = tuple([layout.values(g) for g in groups])
         self.last_hyper = hyper
         if step % self.step_every:
             return
-        stats = optimizer.last_step_statistics(copy=False)  # copied into the ring just below
+        if stats is None:
+            stats = optimizer.last_step_statistics(copy=False)  # copied into the ring just below
         # The per-row element counts, group index and ‖s_{k-1}‖² change rarely; the optimizer
         # then hands out new tensors, so comparing identities (free) tells when the buffered
         # rows must be derived with the old ones first.
         context = self._context
         if (
             context is None
-            or stats.numel is not context[0]
-            or stats.groups is not context[1]
-            or stats.prev_step_sumsq is not context[3]
+            or not _same(stats.numel, context[0])
+            or not _same(stats.groups, context[1])
+            or not _same(stats.prev_step_sumsq, context[3])
         ):
             self._new_context(stats.values, (stats.numel, stats.groups, stats.num_groups, stats.prev_step_sumsq))
         self.ring[self._fill].copy_(stats.values)

@@ -148,7 +148,8 @@ def checkpoint_position(rec: "Recorder") -> dict[str, Any]:
 def _inactive_rank(
     cls: type["Recorder"], ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
     rank_options: Mapping[str, Any], *, load_optimizer: bool = True, overrides: Mapping[str, Any] | None = None,
-    seed: int | None = None, epoch_start_step: int | None = None,
+    seed: int | None = None, epoch_start_step: int | None = None, step_every: int | None = None,
+    flush_every: int | None = None,
 ) -> "Recorder | None":
     """On a rank that does not record (see `Recorder`'s `ranks`): loads the checkpoint's states
     like rank 0 does and returns an inactive recorder at its position, without touching the store
@@ -157,9 +158,12 @@ def _inactive_rank(
     rec._setup_ranks(**rank_options)
     if rec.active:
         return None
-    optimizer = unwrap_optimizer(optimizer)
+    optimizer = rec._bind_ranks(optimizer)
     load_start(ckpt, optimizer, model, load_optimizer, overrides, seed)
     position = ckpt["recorder"]
+    # Sharded: this rank flushes with rank 0 (see Recorder._setup_inactive), at rank 0's intervals.
+    rec._inactive_step_every = int(step_every if step_every is not None else position["step_every"])
+    rec._inactive_flush_every = int(flush_every if flush_every is not None else position["flush_every"])
     rec._setup_inactive(optimizer, model)
     rec._step_offset = int(position["step"]) - int(optimizer.steps_done)
     rec._epoch = int(position["epoch"])
@@ -235,8 +239,9 @@ def resume_position(
         raise ValueError(f"on_gap must be one of {ON_GAP}, got {on_gap!r}")
     probe = cls.__new__(cls)
     probe._setup_ranks(**(rank_options or {}))
-    optimizer = unwrap_optimizer(optimizer)
+    optimizer = probe._bind_ranks(optimizer)
     if not probe.active:  # the states are loaded (by the framework): only the position to take
+        probe._inactive_step_every, probe._inactive_flush_every = position["step_every"], position["flush_every"]
         probe._setup_inactive(optimizer, model)
         probe._step_offset = int(position["step"]) - int(optimizer.steps_done)
         probe._epoch = int(position["epoch"])
@@ -279,6 +284,7 @@ def resume_position(
             set_rng_state(ckpt["rng"])
         rec = cls.__new__(cls)
         rec._setup_ranks(**(rank_options or {}))
+        rec._combiner = probe._combiner
         rec._setup(optimizer, store_obj, model, position["step_every"], position["flush_every"], tensorboard, owns_store)
     except BaseException:
         if leased:
@@ -332,10 +338,11 @@ def branch(
     position = ckpt["recorder"]
     rank_options = {k: kwargs.pop(k) for k in ("ranks", "check_ranks", "rank_rtol", "on_rank_mismatch") if k in kwargs}
     inactive = _inactive_rank(cls, ckpt, optimizer, model, rank_options, load_optimizer=load_optimizer_state,
-                              overrides=overrides, seed=seed)
+                              overrides=overrides, seed=seed, step_every=kwargs.get("step_every"),
+                              flush_every=kwargs.get("flush_every"))
     if inactive is not None:
         return inactive
-    optimizer = unwrap_optimizer(optimizer)
+    wrapper, optimizer = optimizer, unwrap_optimizer(optimizer)
     owns_store = not isinstance(store, RunStore)
     store_obj = store if not owns_store else RunStore(store if store is not None else position["store"], create=False)
     try:
@@ -349,6 +356,7 @@ def branch(
             hyperparameters = {**(parent["hyperparameters"] or {}), **(overrides or {})}
         rec = cls.__new__(cls)
         rec._setup_ranks(**rank_options)
+        rec._bind_ranks(wrapper)
         rec._setup(
             optimizer, store_obj, model, kwargs.pop("step_every", position["step_every"]),
             kwargs.pop("flush_every", position["flush_every"]), kwargs.pop("tensorboard", None), owns_store,

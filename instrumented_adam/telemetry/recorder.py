@@ -27,7 +27,9 @@ tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import itertools
 import math
 import sqlite3
 import subprocess
@@ -40,11 +42,43 @@ from typing import Any, Mapping
 import torch
 
 from . import lineage
-from .capture import StepCapture
+from ..core.stats import StepStatistics
+from ..core.table import EPOCH_STATS, STEP_STATS
+from .capture import CapturedBlock, StepCapture
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, model_fingerprint, rng_state
 from . import ranks as _ranks
 from .store import THETA0_ORIGIN_KEY, RunStore, StoreError
 from .writer import AGGREGATES, EPOCH_FIGURES, LAYER_COLUMNS, STEP_FIGURES, RunWriter
+
+#: Recorders whose step hook was traced by torch.compile, by the key the graph's op carries.
+_COMPILED_HOOKS: dict[int, "weakref.ref[Recorder]"] = {}
+_HOOK_KEYS = itertools.count(1)
+
+
+@torch.library.custom_op("instrumented_adam_py::record_step", mutates_args=("token",))
+def _record_step(token: torch.Tensor, stats: torch.Tensor, step_count: torch.Tensor, numel: torch.Tensor,
+                 groups: torch.Tensor, prev_step_sumsq: torch.Tensor | None, num_groups: int, key: int) -> None:
+    """The recorder's step hook inside a compiled graph (see `Recorder._trace_step`): the step's
+    statistics and their context as the graph computed them (the optimizer's Python-side state
+    set in the same compiled call is written only after the graph ran). `token` is declared
+    mutated so that the graph keeps the op, in its place after the optimizer's step."""
+    ref = _COMPILED_HOOKS.get(key)
+    rec = ref() if ref is not None else None
+    if rec is not None and not rec._closed:
+        steps_done = int(step_count.reshape(-1)[0])
+        stats = StepStatistics(values=stats, numel=numel, groups=groups, num_groups=num_groups, names=None,
+                               prev_step_sumsq=prev_step_sumsq, step=steps_done)
+        rec._on_compiled_step(stats, steps_done)
+
+
+@_record_step.register_fake
+def _record_step_fake(token, stats, step_count, numel, groups, prev_step_sumsq, num_groups, key) -> None:
+    return None
+
+
+#: How each statistics column combines across ranks (core.table: "sum", "max" or "count").
+_STEP_KINDS: tuple[str, ...] = tuple(spec.combine for spec in STEP_STATS)
+_EPOCH_KINDS: tuple[str, ...] = tuple(spec.combine for spec in EPOCH_STATS)
 
 #: Recorders attached to an optimizer (a second one would measure an epoch step of 0: refused).
 _ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref]" = weakref.WeakKeyDictionary()
@@ -99,7 +133,11 @@ class Recorder:
 
     `optimizer` may be a framework's wrapper of an instrumented optimizer (Accelerate's
     ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, ``ZeroRedundancyOptimizer``):
-    the recorder unwraps it.
+    the recorder unwraps it. Under a sharded optimizer (``ZeroRedundancyOptimizer``, FSDP1, FSDP2)
+    every recorded figure is still the whole model's: the recorders of all ranks combine their
+    per-shard sums at each flush and epoch end (two small ``all_reduce``s, never per step; see
+    `ranks.ShardCombiner`), so every rank must construct its recorder and call `end_epoch`, `flush`
+    and `close` at the same points.
 
     The step capture is a post-hook on ``optimizer.step``: the training loop needs no per-step
     code. Call `end_epoch` once per epoch (it calls ``optimizer.end_epoch()`` itself) and
@@ -139,15 +177,11 @@ class Recorder:
     ) -> None:
         wrapper, optimizer = optimizer, _ranks.unwrap_optimizer(optimizer)
         self._setup_ranks(ranks, check_ranks, rank_rtol, on_rank_mismatch)
-        partial = _ranks.partial_figures_note(wrapper, optimizer, self.world_size)
-        if partial is not None and self.active:
-            # Recorded as they are, and said so: in the run's hyperparameters and here.
-            warnings.warn(f"instrumented_adam: {partial}", RuntimeWarning, stacklevel=2)
-            hyperparameters = {**(hyperparameters if hyperparameters is not None else {
-                "optimizer": type(optimizer).__name__,
-                **{k: v for k, v in optimizer.param_groups[0].items() if k != "params"}}),
-                "figures_scope": partial}
+        # A sharded optimizer (ZeRO, FSDP) measures this rank's part of the model: the recorders of
+        # all ranks combine their sums at each flush and epoch end (see ranks.ShardCombiner).
+        self._combiner = _ranks.shard_combiner(wrapper, optimizer, self.world_size)
         if not self.active:
+            self._inactive_step_every, self._inactive_flush_every = int(step_every), int(flush_every)
             self._setup_inactive(optimizer, model)
             return
         if self.world_size > 1 and ranks == "all":
@@ -203,6 +237,38 @@ class Recorder:
         self._step_offset = max(0, lineage.own_step_count(optimizer) - int(optimizer.steps_done))
         self._epoch = int(getattr(optimizer, "epochs_done", 0))
         self._epoch_start_step = int(optimizer.steps_done) + self._step_offset
+        self._handle = None
+        self._capture = None
+        self._histograms_pending = []
+        if self._sharded_combiner(optimizer) is not None:
+            # Sharded: this rank's sums are part of every figure, so it captures its steps as rank 0
+            # does and takes part in each flush's and epoch end's combination (writing nothing).
+            self.step_every = int(getattr(self, "_inactive_step_every", 1))
+            self.flush_every = int(getattr(self, "_inactive_flush_every", 100))
+            self._capture = StepCapture(self.step_every, self.flush_every, self._emit)
+            self._register_hook(self._on_step_inactive)
+
+    def _bind_ranks(self, optimizer: Any) -> torch.optim.Optimizer:
+        """The instrumented optimizer inside `optimizer`, noting whether its figures need combining
+        across ranks (the wrapper says so for ZeRO); after `_setup_ranks`."""
+        inner = _ranks.unwrap_optimizer(optimizer)
+        self._combiner = _ranks.shard_combiner(optimizer, inner, self.world_size)
+        return inner
+
+    def _sharded_combiner(self, optimizer: torch.optim.Optimizer) -> "_ranks.ShardCombiner | None":
+        """The combiner of this recorder (set by the constructor from the wrapper it was given;
+        on the resume paths, which see the unwrapped optimizer, found from its parameters)."""
+        if getattr(self, "_combiner", None) is None:
+            self._combiner = _ranks.shard_combiner(optimizer, optimizer, self.world_size)
+        return self._combiner
+
+    def _on_step_inactive(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():
+            self._trace_step(optimizer)
+            return
+        self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
+        if getattr(optimizer, "histogram_every", 0):
+            self._capture_histograms(optimizer)
 
     @staticmethod
     def _default_run_name() -> str:
@@ -237,6 +303,7 @@ class Recorder:
             )
         self.optimizer = optimizer
         self.model = model
+        self._sharded_combiner(optimizer)
         self.step_every = int(step_every)
         self.flush_every = int(flush_every)
         self._owns_store = owns_store
@@ -318,19 +385,56 @@ class Recorder:
         self._writer.epoch = self._epoch
 
     def _attach(self) -> None:
-        self._handle = self.optimizer.register_step_post_hook(self._on_step)
+        self._register_hook(self._on_step)
         _ATTACHED[self.optimizer] = weakref.ref(self)
 
+    def _register_hook(self, hook: Any) -> None:
+        """The step post-hook, and the key under which a compiled graph's `record_step` finds it."""
+        self._hook_key = next(_HOOK_KEYS)
+        self._hook_token = torch.zeros(1)
+        _COMPILED_HOOKS[self._hook_key] = weakref.ref(self)
+        self._handle = self.optimizer.register_step_post_hook(hook)
+
     # ---- the per-step hot path --------------------------------------------------------------
-    # Not traced by torch.compile: its host bookkeeping (the capture's pending list, step numbers)
-    # would be guards that change every step. A compiled step with a recorder attached therefore
-    # breaks the graph once, after the optimizer's own ops (fullgraph=True needs no recorder).
-    @torch.compiler.disable
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
+        if torch.compiler.is_compiling():
+            self._trace_step(optimizer)
+            return
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
         if getattr(optimizer, "histogram_every", 0):
             self._capture_histograms(optimizer)
+        self._heartbeat()
+
+    # Under torch.compile the hook's host bookkeeping (the ring's fill count, the pending step
+    # meta, flushes to SQLite) cannot be graph ops, and traced as Python it would be guards that
+    # change every step (a recompile per step). The traced hook is therefore one opaque op,
+    # `record_step`, whose inputs are the statistics buffer and the step counter as the graph
+    # computed them: when the compiled step runs, the op runs the eager capture on them. No guard
+    # changes from step to step, so a module-global optimizer compiles with fullgraph=True.
+    def _trace_step(self, optimizer: torch.optim.Optimizer) -> None:
+        ia = optimizer._ia
+        if ia.layout is None or ia.layout.stats is None:
+            return  # nothing measured (statistics off): nothing to record
+        layout = ia.layout
+        prev = ia.prev_step_sumsq
+        if ia.has_prev_epoch and optimizer.epoch_geometry and (prev is None or prev.shape[0] != layout.stats.shape[0]):
+            prev = ia.prev_step_sumsq = optimizer._prev_sumsq_from_state()  # after a load (once)
+        elif not (ia.has_prev_epoch and optimizer.epoch_geometry):
+            prev = None
+        _record_step(self._hook_token, layout.stats, ia.step_count, ia.active_numel, layout.groups, prev,
+                     len(layout.num_params), self._hook_key)
+
+    def _on_compiled_step(self, stats: Any, steps_done: int) -> None:
+        """`_on_step` of a compiled step (called by the `record_step` op when the graph runs it)."""
+        optimizer = self.optimizer
+        self._capture.capture(optimizer, steps_done + self._step_offset, self._epoch, stats=stats)
+        if getattr(optimizer, "histogram_every", 0):  # (a histogram step breaks the graph before this)
+            self._capture_histograms(optimizer)
+        if self.active:
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
         now = time.monotonic()
         if now - self._last_heartbeat > self.heartbeat_seconds:
             # Long stretches without a write (slow steps, a large flush_every) must not let the
@@ -360,6 +464,16 @@ class Recorder:
             return
         from ..core.histogram import HISTOGRAM_NAMES  # noqa: PLC0415 (the core layer, below this one)
 
+        if self._combiner is not None:
+            # Sharded: the counts of every rank's shards add up (integers, exact in float64 up to
+            # 2^53 elements per bin): one all_reduce for all the pending histogram steps.
+            stacked = torch.stack([counts for _, _, counts in pending])
+            k, rows_, kinds, bins = stacked.shape
+            (combined,) = self._combiner.reduce([(stacked.reshape(k, rows_, kinds * bins), ("count",) * (kinds * bins))])
+            combined = combined.reshape(k, -1, kinds, bins).to(torch.int64)
+            pending = [(step, epoch, combined[j]) for j, (step, epoch, _) in enumerate(pending)]
+            if not self.active:
+                return
         names = self._layer_names()
         rows = []
         for step, epoch, counts in pending:
@@ -372,11 +486,48 @@ class Recorder:
         self.store.write_histograms(self.run_id, rows)
 
     def _emit(self, block) -> None:
-        self._writer.launch(block)
+        if self._combiner is not None:
+            block = self._combine_block(block)
+        if self.active:
+            self._writer.launch(block)
+
+    def _combine_block(self, block: CapturedBlock) -> CapturedBlock:
+        """A block of this rank's buffered rows as the whole model's: one combination (two
+        collectives) for all its steps, their element counts and ‖s_{k-1}‖²."""
+        parts = [(block.ring, _STEP_KINDS), (block.numel[:, None], ("sum",))]
+        if block.prev_step_sumsq is not None:
+            parts.append((block.prev_step_sumsq[:, None], ("sum",)))
+        out = self._combiner.reduce(parts)
+        groups, num_groups = self._combiner.global_groups(block.ring.device)
+        prev = out[2][:, 0] if block.prev_step_sumsq is not None else None
+        return CapturedBlock(out[0], out[1][:, 0], groups, num_groups, prev, block.meta, block.hyper_names)
+
+    def _combine_epoch(self, stats: Any, geometry: Any) -> tuple[Any, Any]:
+        """The last step's statistics and the epoch geometry of the whole model (one combination)."""
+        parts = [(stats.values, _STEP_KINDS), (stats.numel[:, None], ("sum",))]
+        if stats.prev_step_sumsq is not None:
+            parts.append((stats.prev_step_sumsq[:, None], ("sum",)))
+        if geometry is not None:
+            parts += [(geometry.values, _EPOCH_KINDS), (geometry.numel[:, None], ("sum",))]
+        out = self._combiner.reduce(parts)
+        groups, num_groups = self._combiner.global_groups(stats.values.device)
+        at = 2
+        prev = None
+        if stats.prev_step_sumsq is not None:
+            prev, at = out[2][:, 0], 3
+        stats = dataclasses.replace(stats, values=out[0], numel=out[1][:, 0], groups=groups, num_groups=num_groups,
+                                    prev_step_sumsq=prev)
+        if geometry is not None:
+            geometry = dataclasses.replace(geometry, values=out[at], numel=out[at + 1][:, 0], groups=groups,
+                                           num_groups=num_groups)
+        return stats, geometry
 
     def flush(self) -> None:
         """Writes every buffered step row to the store now (waits for the device copy)."""
         if not self.active:
+            if self._capture is not None:  # sharded: this rank's part of the buffered figures
+                self._capture.take()
+                self._write_histograms()
             return
         self._capture.take()
         if self._writer is not None:
@@ -479,11 +630,10 @@ class Recorder:
         self.flush()
         nf = len(STEP_FIGURES)
         last_tensor = None
-        if opt.steps_done > 0:
-            # Before opt.end_epoch(): the last step's cos_update_prev_epoch uses this epoch's s_{k-1}.
-            derived = opt.last_step_statistics().derived("tensor")
+        last, geometry = self._epoch_statistics()
+        if last is not None:
+            derived = last.derived("tensor")
             last_tensor = torch.stack([derived[k] for k in STEP_FIGURES], 1).cpu().numpy()
-        geometry = opt.end_epoch() if getattr(opt, "epoch_geometry", True) else None
         if geometry is not None:
             overall = geometry.derived("overall")
             per_tensor = geometry.derived("tensor")
@@ -493,7 +643,7 @@ class Recorder:
             geo_overall = [math.nan] * len(EPOCH_FIGURES)
             geo_tensor = None
         if self._check_ranks:
-            values[_ranks.RANK_DISAGREEMENT_METRIC] = self._compare_ranks(geo_overall)
+            values[_ranks.RANK_DISAGREEMENT_METRIC] = self._compare_ranks(geo_overall, last)
         names, group0 = self._hyper_in_force()
         row: dict[str, Any] = {
             "epoch": self._epoch,
@@ -505,12 +655,15 @@ class Recorder:
         }
         layer_rows = []
         layer_names = self._layer_names()
-        group_of = [g for g, group in enumerate(opt.param_groups) for _ in group["params"]]
-        params = [p for group in opt.param_groups for p in group["params"]]
-        for i, p in enumerate(params):
+        groups = self._combiner.global_params() if self._combiner is not None else [g["params"] for g in opt.param_groups]
+        group_of = [g for g, params in enumerate(groups) for _ in params]
+        numels = [p.numel() for params in groups for p in params]  # a DTensor's global size
+        if self._combiner is not None and geometry is not None and self._combiner.kind == "shards":
+            numels = [int(n) for n in geometry.numel.tolist()]  # FSDP1 shards: without FSDP's padding
+        for i in range(len(numels)):
             geo = geo_tensor[i].tolist() if geo_tensor is not None and i < len(geo_tensor) else [math.nan] * len(EPOCH_FIGURES)
             fig = last_tensor[i].tolist() if last_tensor is not None and i < len(last_tensor) else [math.nan] * nf
-            layer_rows.append((i, layer_names[i], group_of[i], p.numel(), *geo, *fig))
+            layer_rows.append((i, layer_names[i], group_of[i], numels[i], *geo, *fig))
         row = self._writer.write_epoch(row, layer_rows, values, names)
         self._writer.check_losses(values, self._epoch, step)
         self._epoch += 1
@@ -518,28 +671,39 @@ class Recorder:
         self._staged_metrics = {}
         return {**{k: float(v) for k, v in row.items()}, **values}
 
+    def _epoch_statistics(self) -> tuple[Any, Any]:
+        """The epoch's last step statistics and ``optimizer.end_epoch()``'s geometry, the whole
+        model's under a sharded optimizer (one combination; every rank calls this at its epoch end)."""
+        opt = self.optimizer
+        # Before opt.end_epoch(): the last step's cos_update_prev_epoch uses this epoch's s_{k-1}.
+        last = opt.last_step_statistics() if opt.steps_done > 0 else None
+        geometry = opt.end_epoch() if getattr(opt, "epoch_geometry", True) else None
+        if self._combiner is not None and last is not None:
+            last, geometry = self._combine_epoch(last, geometry)
+        return last, geometry
+
     def _end_epoch_inactive(self, step: int) -> None:
         """`end_epoch` of a rank that does not record: the optimizer's epoch ends as on rank 0."""
-        opt = self.optimizer
-        geometry = opt.end_epoch() if getattr(opt, "epoch_geometry", True) else None
+        self.flush()  # sharded: the buffered steps' combination, as rank 0's flush
+        last, geometry = self._epoch_statistics()
         if self._check_ranks:
             if geometry is not None:
                 overall = geometry.derived("overall")
                 geo_overall = torch.stack([overall[k][0] for k in EPOCH_FIGURES]).cpu().tolist()
             else:
                 geo_overall = [math.nan] * len(EPOCH_FIGURES)
-            self._compare_ranks(geo_overall, last_step_done=True)
+            self._compare_ranks(geo_overall, last)
         self._epoch += 1
         self._epoch_start_step = step
 
-    def _compare_ranks(self, geo_overall: list[float], last_step_done: bool = False) -> float:
+    def _compare_ranks(self, geo_overall: list[float], last: Any) -> float:
         """The rank check of `check_ranks`: this epoch's geometry and the overall figures of its
-        last step, gathered from every rank and compared with rank 0's."""
-        opt = self.optimizer
+        last step (`last`, the statistics before end_epoch), gathered from every rank and compared
+        with rank 0's. (Under a sharded optimizer they are the combined figures: equal by
+        construction, so the check then only confirms the ranks ended the same epochs.)"""
         values = list(geo_overall)
-        if opt.steps_done > 0:
-            # last_step_statistics() still describes the epoch's last step after end_epoch().
-            overall = opt.last_step_statistics().derived("overall")
+        if last is not None:
+            overall = last.derived("overall")
             values += [float(overall[k].reshape(-1)[0]) for k in STEP_FIGURES]
         worst, offenders = _ranks.rank_disagreement(values, self._rank_rtol)
         _ranks.report_disagreement(self._epoch, worst, offenders, self._on_rank_mismatch)
@@ -557,13 +721,19 @@ class Recorder:
         layout = capture.hyperparameter_layout(self.optimizer.param_groups)
         return layout.names, tuple(_host(v) for v in layout.values(self.optimizer.param_groups[0]))
 
-    def _layer_names(self) -> list[str]:
-        """Parameter names by statistics row: the model's names, else ``param.<i>``."""
+    def _layer_names(self, local: bool = False) -> list[str]:
+        """Parameter names by statistics row: the model's names, else ``param.<i>``.
+
+        Under a sharded optimizer the rows are the combined ones (`ShardCombiner.names`: every
+        parameter of a ZeRO wrapper, FSDP's names without its prefixes) unless `local`.
+        """
+        if self._combiner is not None and not local:
+            return self._combiner.names(self.model)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         known: dict[int, str] = {}
         if self.model is not None:
             for name, p in self.model.named_parameters(remove_duplicate=False):
-                known.setdefault(id(p), name)
+                known.setdefault(id(p), _ranks.clean_name(name))
         return [known.get(id(p), f"param.{i}") for i, p in enumerate(params)]
 
     @property
@@ -593,6 +763,15 @@ class Recorder:
         comes back from `Recorder.resume(...).extra`.
         """
         self._check_open()
+        if self._combiner is not None:
+            # Rank 0 holds only its shard of the model and optimizer states (FSDP's state_dict
+            # would also need every rank): such a file could not resume the run. Every rank
+            # raises here, so none waits in a collective for the others.
+            raise RuntimeError(
+                f"instrumented_adam: save_checkpoint writes rank 0's states, and under {self._combiner.description} "
+                "each rank holds only its part: save the model and optimizer with a distributed checkpoint "
+                "(torch.distributed.checkpoint) and keep the recorder's checkpoint_position() beside it; continue "
+                "with Recorder.from_position")
         if not self.active:  # rank 0 writes the file (every rank holds the same state)
             return Path(path)
         model = model if model is not None else self.model
@@ -625,6 +804,7 @@ class Recorder:
         None on a rank that does not record."""
         self._check_open()
         if not self.active:
+            self.flush()  # sharded: rank 0's flush combines this rank's buffered steps too
             return None
         self.flush()
         self.store.sync()
@@ -744,7 +924,14 @@ class Recorder:
         if self._closed:
             return
         if not self.active:
-            self._closed = True
+            try:
+                self.flush()  # sharded: rank 0's last flush combines this rank's steps too
+            finally:
+                self._closed = True
+                if self._handle is not None:
+                    self._handle.remove()
+                    self._handle = None
+                    _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
             return
         try:
             self.flush()
@@ -753,6 +940,7 @@ class Recorder:
             if self._handle is not None:
                 self._handle.remove()
                 self._handle = None
+                _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
             if _ATTACHED.get(self.optimizer) is not None and _ATTACHED[self.optimizer]() is self:
                 del _ATTACHED[self.optimizer]
             try:
