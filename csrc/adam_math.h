@@ -72,8 +72,8 @@ struct ElementCoefficients {
 };
 
 template <class O>
-IA_HOST_DEVICE ElementCoefficients<O> make_coefficients(const StepScalars& s, bool maximize, bool amsgrad,
-                                                        bool decoupled_weight_decay = false) {
+IA_HOST_DEVICE ElementCoefficients<O> make_coefficients(const StepScalars& s, Algorithm algo, bool maximize,
+                                                        bool amsgrad) {
   ElementCoefficients<O> c;
   const double bias_correction1 = 1 - std::pow(s.beta1, s.step);
   const double bias_correction2 = 1 - std::pow(s.beta2, s.step);
@@ -90,7 +90,7 @@ IA_HOST_DEVICE ElementCoefficients<O> make_coefficients(const StepScalars& s, bo
   c.step_size = O(step_size);
   c.neg_step_size = O(-step_size);
   c.has_weight_decay = s.weight_decay != 0;
-  c.decoupled_weight_decay = decoupled_weight_decay;
+  c.decoupled_weight_decay = algo == Algorithm::kAdamW;
   c.maximize = maximize;
   c.amsgrad = amsgrad;
   return c;

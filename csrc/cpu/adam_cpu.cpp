@@ -150,9 +150,8 @@ void adam_step_cpu(const AdamStepCall& call) {
     }
     if (step != coeff_step) {
       const StepScalars scalars{lr, call.beta1, call.beta2, call.eps, call.weight_decay, step};
-      const bool decoupled = algo == Algorithm::kAdamW;
-      coeff_float = make_coefficients<float>(scalars, call.maximize, amsgrad, decoupled);
-      coeff_double = make_coefficients<double>(scalars, call.maximize, amsgrad, decoupled);
+      coeff_float = make_coefficients<float>(scalars, algo, call.maximize, amsgrad);
+      coeff_double = make_coefficients<double>(scalars, algo, call.maximize, amsgrad);
       coeff_step = step;
     }
     tensors[i].coeff_float = coeff_float;

@@ -154,7 +154,7 @@ struct Rule<Algorithm::kAdamax, amsgrad, O> {
   ElementCoefficients<O> c;
   __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
       : c(make_coefficients<O>(StepScalars{lr, s.beta1, s.beta2, s.eps, s.weight_decay, static_cast<double>(step)},
-                               s.maximize, false)) {
+                               Algorithm::kAdamax, s.maximize, false)) {
     // With lr as a tensor torch's single-tensor Adamax computes the step size as a tensor operation
     // in lr's dtype: float(lr) / float(1 - beta1^t), rounded to bf16/fp16 for those (the CPU glue,
     // adamax_tensor_lr_step_size in cpu/adam_cpu.cpp, does the same).

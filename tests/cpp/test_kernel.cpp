@@ -74,8 +74,8 @@ std::vector<double> run_kernel(void (*process)(const cpu::KernelArgs&, int64_t, 
   t.numel = n;
   t.dtype = cpu::DType::kFloat;
   const ia::StepScalars s{c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, step};
-  t.coeff_float = ia::make_coefficients<float>(s, c.maximize, c.amsgrad);
-  t.coeff_double = ia::make_coefficients<double>(s, c.maximize, c.amsgrad);
+  t.coeff_float = ia::make_coefficients<float>(s, c.algo, c.maximize, c.amsgrad);
+  t.coeff_double = ia::make_coefficients<double>(s, c.algo, c.maximize, c.amsgrad);
   // Two items, split at a multiple of 64 elements, as the glue does.
   std::vector<cpu::WorkItem> items;
   const int64_t half = (n / 2) / 64 * 64;
