@@ -263,12 +263,8 @@ class Recorder:
         return self._combiner
 
     def _on_step_inactive(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if torch.compiler.is_compiling():
-            self._trace_step(optimizer)
-            return
-        self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
-        if getattr(optimizer, "histogram_every", 0):
-            self._capture_histograms(optimizer)
+        """Step post-hook of a rank that writes nothing: it still captures, to join the flushes."""
+        self._capture_step(optimizer)
 
     @staticmethod
     def _default_run_name() -> str:
@@ -398,13 +394,19 @@ class Recorder:
     # ---- the per-step hot path --------------------------------------------------------------
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Step post-hook: one device op and host bookkeeping (see `capture.StepCapture`)."""
+        if self._capture_step(optimizer):
+            self._heartbeat()
+
+    def _capture_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """This step's figures into the capture ring; False when traced (the graph's `record_step`
+        captures when it runs)."""
         if torch.compiler.is_compiling():
             self._trace_step(optimizer)
-            return
+            return False
         self._capture.capture(optimizer, optimizer.steps_done + self._step_offset, self._epoch)
         if getattr(optimizer, "histogram_every", 0):
             self._capture_histograms(optimizer)
-        self._heartbeat()
+        return True
 
     # Under torch.compile the hook's host bookkeeping (the ring's fill count, the pending step
     # meta, flushes to SQLite) cannot be graph ops, and traced as Python it would be guards that
