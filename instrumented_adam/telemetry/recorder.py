@@ -920,6 +920,14 @@ class Recorder:
         if self._owns_store:
             self.store.close()
 
+    def _detach(self) -> None:
+        """Marks the recorder closed and removes its step hook (and its compiled-graph entry)."""
+        self._closed = True
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
+
     def close(self, status: str = "finished") -> None:
         """Flushes, detaches the hook, marks the run `status` ('finished' or 'failed'; a run that
         diverged stays 'diverged' unless it failed) and gives up the run's lease."""
@@ -929,20 +937,12 @@ class Recorder:
             try:
                 self.flush()  # sharded: rank 0's last flush combines this rank's steps too
             finally:
-                self._closed = True
-                if self._handle is not None:
-                    self._handle.remove()
-                    self._handle = None
-                    _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
+                self._detach()
             return
         try:
             self.flush()
         finally:
-            self._closed = True
-            if self._handle is not None:
-                self._handle.remove()
-                self._handle = None
-                _COMPILED_HOOKS.pop(getattr(self, "_hook_key", None), None)
+            self._detach()
             if _ATTACHED.get(self.optimizer) is not None and _ATTACHED[self.optimizer]() is self:
                 del _ATTACHED[self.optimizer]
             try:
