@@ -33,16 +33,6 @@ CONFIGS = {
 }
 
 
-def state_bytes(opt) -> int:
-    seen, total = set(), 0
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                total += v.untyped_storage().nbytes()
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=parse_size, default=parse_size("1M"))
@@ -62,7 +52,7 @@ def main() -> None:
             opt.end_epoch()
         opt.step()
         numel = sum(p.numel() for p in params)
-        lines.append(f"| {name} | {state_bytes(opt) / numel:.2f} |")
+        lines.append(f"| {name} | {ia.state_nbytes(opt) / numel:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -31,6 +31,7 @@ _LAZY = {
     "Adam": "core.optimizer",
     "AdamW": "core.optimizer",
     "Adamax": "core.optimizer",
+    "state_nbytes": "core.optimizer",
     "SGD": "core.classic",
     "RMSprop": "core.classic",
     "Adagrad": "core.classic",

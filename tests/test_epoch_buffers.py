@@ -35,16 +35,6 @@ COL = {name: j for j, name in enumerate(EPOCH_COLUMNS)}
 DOT_PREV = STAT_NAMES.index("update_dot_prev_epoch")
 
 
-def _state_bytes(opt) -> int:
-    seen, total = set(), 0
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                total += v.untyped_storage().nbytes()
-    return total
-
-
 def _train(opt, params, bank, epochs, steps_per_epoch):
     """Steps and epoch ends; returns the per-step statistics and the epoch geometries."""
     steps, geometries, t = [], [], 0
@@ -58,6 +48,21 @@ def _train(opt, params, bank, epochs, steps_per_epoch):
     return steps, geometries
 
 
+def test_state_nbytes_counts_each_state_storage_once():
+    """torch's own Adam: m and v (4 B each per fp32 element) and a 4-byte step per parameter; a
+    state tensor that views another's storage counts once."""
+    params = make_params((4096, 1000, 7))
+    opt = torch.optim.Adam(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    numel = sum(p.numel() for p in params)
+    assert ia.state_nbytes(opt) == 8 * numel + 4 * len(params)
+    state = opt.state[params[0]]
+    state["view"] = state["exp_avg"][:10]
+    assert ia.state_nbytes(opt) == 8 * numel + 4 * len(params)
+
+
 def test_default_state_is_at_most_14_bytes_per_element():
     """Adam's m and v (8 B) + θ_end exact (4 B) + s_{k−1} in bf16 (2 B) for fp32 parameters; the
     exact mode keeps 20 B, as before (θ_end, s_{k−1}, θ_0 in fp32)."""
@@ -69,7 +74,7 @@ def test_default_state_is_at_most_14_bytes_per_element():
         bank = GradBank([tuple(p.shape) for p in params])
         _train(opt, params, bank, epochs=2, steps_per_epoch=2)
         step_bytes = 4 * len(params)  # the 0-d float32 step counters
-        figures[tuple(kwargs.items())] = (_state_bytes(opt) - step_bytes) / numel
+        figures[tuple(kwargs.items())] = (ia.state_nbytes(opt) - step_bytes) / numel
     assert figures[()] == 14.0
     assert figures[(("epoch_buffers", "exact"),)] == 20.0
     assert figures[(("distance_from_init", True),)] == 16.0

@@ -174,6 +174,23 @@ def _is_sharded(p: Tensor) -> bool:
     return (_DTensor is not None and isinstance(p, _DTensor)) or _padding(p) > 0
 
 
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: the distinct storages behind `optimizer.state`'s tensors.
+
+    Any `torch.optim.Optimizer` (ours or torch's), so that the two can be compared; tensors that
+    share a storage count once. Parameters and gradients are not optimizer state and do not count.
+    """
+    seen, total = set(), 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
+
+
 @dataclass
 class _GroupPlan:
     """The kernel's argument lists for one param group, rebuilt only when something changes."""
@@ -195,6 +212,7 @@ class _GroupPlan:
     # kernel steps (see _local), looked up again at each step, since FSDP may give a parameter new
     # storage (a reshard after a state_dict load); their gradients are looked up likewise.
     distributed: bool = False
+    pads: list[int] = field(default_factory=list)  # per stepped param, its FSDP1 padding (_padding)
 
 
 @dataclass
@@ -510,11 +528,13 @@ class _Instrumented:
         amsgrad = bool(group.get("amsgrad", False))
         track_prev = self.statistics and self.epoch_geometry and self._ia.has_prev_epoch
         distributed = False
+        pads = []
         for pos, i in enumerate(indices):
             p = group["params"][i]
             state = self._init_state(p, group)
             distributed |= _is_sharded(p)
             pad = _padding(p)
+            pads.append(pad)
             lp = _local(p, pad)
             if not lp.is_complex() and lp.numel() > 0 and not _is_dense(lp):
                 relayout.append(pos)
@@ -529,7 +549,7 @@ class _Instrumented:
         rows = [] if len(indices) == num_params else list(indices)
         has_complex = any(group["params"][i].is_complex() for i in indices)
         return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout,
-                          [t.stride() for t in params], has_complex, distributed)
+                          [t.stride() for t in params], has_complex, distributed, pads)
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -601,9 +621,8 @@ class _Instrumented:
         call_grads = grads if len(plan.indices) == len(params) else [grads[i] for i in plan.indices]
         call_params = plan.params
         if plan.distributed:  # FSDP: the kernel steps the local shards (see _local)
-            pads = [_padding(params[i]) for i in plan.indices]
-            call_grads = [_local(g, pad) for g, pad in zip(call_grads, pads)]
-            call_params = [_real(_local(params[i], pad)) for i, pad in zip(plan.indices, pads)]
+            call_grads = [_local(g, pad) for g, pad in zip(call_grads, plan.pads)]
+            call_params = [_real(_local(params[i], pad)) for i, pad in zip(plan.indices, plan.pads)]
         copies: list[tuple[int, Tensor, Tensor]] = []
         if plan.has_complex:
             call_grads = [torch.view_as_real(g) if g.is_complex() else g for g in call_grads]
