@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._ops import _KERNEL_DTYPES, NUM_STATS, _check_companions
+from ._ops import _KERNEL_DTYPES, _check_companions, _check_stats
 
 #: SGD (momentum, dampening, Nesterov), RMSprop (centered, momentum), Adagrad (lr_decay).
 sgd_step = torch.ops.instrumented_adam.sgd_step
@@ -31,14 +31,7 @@ def _check_common(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], pr
                                                         f"bfloat16 or float16, got {p.dtype}")
     _check_companions(params, grads, "grads")
     _check_companions(params, prev_epoch_steps, "prev_epoch_steps")
-    if stats is not None:
-        torch._check(
-            stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == NUM_STATS,
-            lambda: f"instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, {NUM_STATS}], "
-                    f"got {stats.dtype} {tuple(stats.shape)}",
-        )
-        torch._check(len(stat_rows) > 0 or stats.shape[0] == n,
-                     lambda: f"instrumented_adam: stats has {stats.shape[0]} rows for {n} parameters")
+    _check_stats(stats, stat_rows, n)
 
 
 def _check_state(op: str, params: Sequence[Tensor], tensors: Sequence[Tensor], name: str, used: bool) -> None:

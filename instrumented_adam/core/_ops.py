@@ -37,6 +37,18 @@ EPOCH_GEOMETRY_COLUMNS = len(EPOCH_COLUMNS) + 1
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _check_stats(stats: Tensor | None, stat_rows: Sequence[int], n: int) -> None:
+    """The statistics output of a step op over n parameters (every family's op takes the same)."""
+    if stats is not None:
+        torch._check(
+            stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == NUM_STATS,
+            lambda: f"instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, {NUM_STATS}], "
+                    f"got {stats.dtype} {tuple(stats.shape)}",
+        )
+        torch._check(len(stat_rows) > 0 or stats.shape[0] == n,
+                     lambda: f"instrumented_adam: stats has {stats.shape[0]} rows for {n} parameters")
+
+
 def _check_companions(params: Sequence[Tensor], others: Sequence[Tensor], what: str,
                       allow_bfloat16: bool = False) -> None:
     """Each tensor of `others` goes with the parameter at its position: same shape and dtype.
@@ -81,14 +93,7 @@ def _adam_step_fake(
     if uses_max:
         _check_companions(params, max_second_moments, "max_second_moments")
     _check_companions(params, prev_epoch_steps, "prev_epoch_steps", allow_bfloat16=True)
-    if stats is not None:
-        torch._check(
-            stats.dtype == torch.float64 and stats.dim() == 2 and stats.shape[1] == NUM_STATS,
-            lambda: f"instrumented_adam: stats must be a contiguous float64 tensor of shape [rows, {NUM_STATS}], "
-                    f"got {stats.dtype} {tuple(stats.shape)}",
-        )
-        torch._check(len(stat_rows) > 0 or stats.shape[0] == n,
-                     lambda: f"instrumented_adam: stats has {stats.shape[0]} rows for {n} parameters")
+    _check_stats(stats, stat_rows, n)
     if histograms is not None:
         torch._check(stats is not None,
                      lambda: "instrumented_adam: histograms need stats (they are taken on statistics steps)")
