@@ -119,6 +119,50 @@ def test_counts_match_frexp(name, dtype, two_threads):
     assert hist.counts[-1, 0, H.NONFINITE_BIN] == 2  # the planted inf and NaN gradients
 
 
+def window_shaped_grads(n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gradients shaped against the AVX2/AVX-512 fp32 counter (csrc/histogram.h, WindowHistograms):
+    a 16-binade window in registers, placed on the first normal values, re-centred when values
+    leave it, everything outside counted lane by lane."""
+    i = torch.arange(n, dtype=torch.float64)
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    one_bin = 1.0 + torch.rand(n, generator=gen, dtype=torch.float64) * 0.99  # all in [1, 2): no lane outside
+    late = torch.zeros(n, dtype=torch.float64)
+    late[n - 3000:] = torch.randn(3000, generator=gen, dtype=torch.float64)  # zeros, then the window's first values
+    sparse = torch.randn(n, generator=gen, dtype=torch.float64) * (torch.rand(n, generator=gen) < 0.03)
+    return {
+        "one_bin": sign * one_bin,
+        # the exponent climbs 60 binades along the tensor (and within each work item): the window must follow
+        "drift": sign * torch.exp2(-40 + 60 * i / n) * one_bin,
+        # 200 binades, log-uniform: wider than any window, most lanes counted one by one
+        "wide": sign * torch.exp2(torch.rand(n, generator=gen, dtype=torch.float64) * 200 - 120),
+        "late_first_value": late,
+        "mostly_zeros": sparse,
+        "two_modes": torch.where(torch.rand(n, generator=gen) < 0.5, 1e-9, 1e3).double() * one_bin,
+    }
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+def test_counts_match_frexp_window_shapes(dtype, two_threads):
+    gen = torch.Generator().manual_seed(5)
+    n = 65549  # three work items, a ragged tail
+    shapes = window_shaped_grads(n, gen)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for _ in shapes]
+    opt = ia.Adam(params, lr=1e-3, histogram_every=1)
+    for step in range(2):
+        grads = [g.to(dtype) for g in shapes.values()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        hist = opt.last_step_histograms()
+        for i, (name, p, b, g) in enumerate(zip(shapes, params, before, grads)):
+            np.testing.assert_array_equal(hist.counts[i].numpy(), expected_histograms(opt, p, b, g),
+                                          err_msg=f"{name} step {step + 1}")
+    # the shapes are what they claim: one binade, and 60 of them
+    assert (hist.counts[0, 0] > 0).sum() == 1
+    assert (hist.counts[1, 0] > 0).sum() >= 55
+
+
 def test_median_effective_step_size_within_one_bin():
     """The histogram's median (and percentiles) of the effective step size vs the exact ones."""
     gen = torch.Generator().manual_seed(3)

@@ -383,8 +383,13 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
 
   typename SimdStats<V>::Block kept_block;
   SimdStats<V> stats(kept_block);
-  struct NoHistograms {};
-  std::conditional_t<kHist, SimdHistograms<V>, NoHistograms> histograms;
+  struct NoHistograms {
+    using Kept = char;
+    explicit NoHistograms(Kept&) {}
+  };
+  using Histograms = std::conditional_t<kHist, SimdHistograms<V>, NoHistograms>;
+  typename Histograms::Kept kept_histograms;
+  Histograms histograms(kept_histograms);
   const V infinity(std::numeric_limits<O>::infinity());
 
   // One SIMD step of n elements at i; kTail: n < IO::kStep (only the last step of a range), so
@@ -496,9 +501,10 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
         stats.next_vector();
         if constexpr (kHist) {
           const int valid = kTail ? static_cast<int>(std::clamp<int64_t>(n - j * V::size(), 0, V::size())) : V::size();
-          histograms.add(k_hist_grad_abs, g[j], valid);
-          histograms.add(k_hist_update_abs, delta, valid);
-          histograms.add(k_hist_eff_lr, V(Rule::step_numerator(c)) / denom[j], valid);
+          histograms.template add<k_hist_grad_abs>(g[j], valid);
+          histograms.template add<k_hist_update_abs>(delta, valid);
+          histograms.template add<k_hist_eff_lr>(V(Rule::step_numerator(c)) / denom[j], valid);
+          histograms.next_vector();
         }
       }
     }
