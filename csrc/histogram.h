@@ -139,7 +139,7 @@ inline void lane_bins(const V& x, int32_t* out) {
 // the general form: every lane's bin is incremented in memory. Lane l counts into copy l % kCopies
 // of each histogram: consecutive elements often share a bin, and with one copy every increment
 // would wait for the previous one's store to forward. Used for fp64 and the DEFAULT build; fp32
-// compute on AVX2 uses WindowHistograms below (~0.6 ns/element/histogram here, measured
+// compute on AVX2/AVX-512 uses WindowHistograms below (~0.6 ns/element/histogram here, measured
 // on the AMD EPYCs of bench/results/, against ~0.7 ns/element for the whole statistics step).
 template <class V>
 struct ScatterHistograms {
@@ -182,11 +182,26 @@ struct ScatterHistograms {
   }
 };
 
-#if defined(CPU_CAPABILITY_AVX2)
-// The integer-vector operations WindowHistograms needs. AVX2 only: an AVX-512 copy (16 lanes,
-// _mm512_test_epi32_mask for the lanes outside) is the same table, to be added with a machine to
-// test it on; until then AVX-512 keeps the scattered counter its tests ran on.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The integer-vector operations WindowHistograms needs, for the ISA this copy is compiled for.
 struct WindowIsa {
+#if defined(CPU_CAPABILITY_AVX512)
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static I bits(__m512 x) { return _mm512_castps_si512(x); }
+  static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I srli21(I a) { return _mm512_srli_epi32(a, 21); }
+  static I srli4(I a) { return _mm512_srli_epi32(a, 4); }
+  static I sllv(I a, I count) { return _mm512_sllv_epi32(a, count); }  // count > 31 gives 0
+  static I zero() { return _mm512_setzero_si512(); }
+  static void store(void* p, I a) { _mm512_storeu_si512(p, a); }
+  // Lanes whose shift count x is outside [0, 64), i.e. outside the window: one bit per lane.
+  static uint32_t outside(I x) { return _mm512_test_epi32_mask(x, _mm512_set1_epi32(~63)); }
+  static bool any_outside(I x) { return outside(x) != 0; }
+#else
   using I = __m256i;
   static constexpr int kLanes = 8;
   static I bits(__m256 x) { return _mm256_castps_si256(x); }
@@ -204,9 +219,10 @@ struct WindowIsa {
     return ~static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(inside))) & 0xffu;
   }
   static bool any_outside(I x) { return !_mm256_testz_si256(x, _mm256_set1_epi32(~63)); }
+#endif
 };
 
-// Counts of one work item, fp32 compute on AVX2, without a memory increment per element.
+// Counts of one work item, fp32 compute on AVX2/AVX-512, without a memory increment per element.
 // The values of one tensor's histogram mostly fall within a few binades, so each histogram keeps
 // a window of kWindow consecutive exponent bins [lo, lo + kWindow) in SIMD registers as packed
 // 4-bit counters: a lane's value adds 1 << 4·(e − lo) to one of two accumulators (8 bins of 4 bits
