@@ -150,7 +150,7 @@ class IsaBuildExtension(cpp_extension.BuildExtension):
 
 def make_extension():
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adam_cpu.cpp"),
-               str(CSRC / "cpu" / "epoch_cpu.cpp"), str(CSRC / "cpu" / "classic_cpu.cpp")]
+               str(CSRC / "cpu" / "epoch_cpu.cpp"), str(CSRC / "cpu" / "classic_cpu.cpp"), str(CSRC / "step_plan.cpp")]
     # -ffp-contract=off: the glue's double arithmetic (step scalars, epoch sums) rounds as written.
     cxx_flags = ["-O3", "-fopenmp", "-g0", "-ffp-contract=off", f"-I{CSRC}", *ISA_DEFINES, *EXTRA_DEFINES]
     if want_cuda():

@@ -213,6 +213,9 @@ class _GroupPlan:
     # storage (a reshard after a state_dict load); their gradients are looked up likewise.
     distributed: bool = False
     pads: list[int] = field(default_factory=list)  # per stepped param, its FSDP1 padding (_padding)
+    # The same lists held on the C++ side (csrc/step_plan.cpp), for the common case: every param of
+    # the group stepping, plain dense CPU tensors. None: the step passes the lists from Python.
+    native: Any = None
 
 
 @dataclass
@@ -548,8 +551,36 @@ class _Instrumented:
             steps.append(state["step"])
         rows = [] if len(indices) == num_params else list(indices)
         has_complex = any(group["params"][i].is_complex() for i in indices)
+        native = None
+        if (params and len(indices) == num_params and not relayout and not has_complex and not distributed
+                and params[0].device.type == "cpu" and not torch.compiler.is_compiling()):
+            native = torch.classes.instrumented_adam.AdamPlan(params, exp_avgs, seconds, maxes, prevs, steps, [])
         return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout,
-                          [t.stride() for t in params], has_complex, distributed, pads)
+                          [t.stride() for t in params], has_complex, distributed, pads, native)
+
+    def _algorithm(self, group: dict) -> functional.Algorithm:
+        """The op's update rule for this group."""
+        return functional.Algorithm.ADAMW if group.get("decoupled_weight_decay", False) else functional.Algorithm.ADAM
+
+    def _native_step(self, group: dict, plan: _GroupPlan, stats: Tensor | None, histograms: Tensor | None,
+                     grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+        """The group's step through its C++ plan; False (nothing changed) when the general path must
+        take it: a dispatch or function mode is active, a gradient is missing or sparse, or the op
+        rejected the call (the general path then sorts out layouts or raises the op's error)."""
+        if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+            return False
+        amsgrad = bool(group.get("amsgrad", False))
+        if amsgrad != plan.key[1]:
+            return False
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        functional._check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        try:
+            return plan.native.step(int(self._algorithm(group)), 0.0 if lr_tensor is not None else float(lr), lr_tensor,
+                                    float(beta1), float(beta2), float(weight_decay), float(eps), amsgrad,
+                                    bool(group.get("maximize", False)), grad_scale, found_inf, stats, histograms)
+        except RuntimeError:
+            return False
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -603,10 +634,15 @@ class _Instrumented:
         if group.get("differentiable"):
             return self._step_group_differentiable(gi, group, layout, grad_scale, found_inf, histograms)
         params = group["params"]
+        plan = self._ia.plans.get(gi)
+        if plan is not None and plan.native is not None and not torch.compiler.is_compiling():
+            start = layout.offsets[gi]
+            stats = layout.stats[start : start + len(params)] if layout.stats is not None else None
+            if self._native_step(group, plan, stats, histograms, grad_scale, found_inf):
+                return False
         grads = [p.grad for p in params]
         has_grad = tuple(g is not None for g in grads)
         key = (has_grad, bool(group.get("amsgrad", False)), self._ia.has_prev_epoch)
-        plan = self._ia.plans.get(gi)
         replanned = plan is None or plan.key != key
         if replanned:
             indices = [i for i, h in enumerate(has_grad) if h]
@@ -1066,6 +1102,9 @@ class Adamax(_Instrumented, torch.optim.Adamax):
 
     _second_moment_key = "exp_inf"
     _sparse_message = "Adamax does not support sparse gradients"
+
+    def _algorithm(self, group: dict) -> functional.Algorithm:
+        return functional.Algorithm.ADAMAX
 
     def _functional_step(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                          second_moments: list[Tensor], max_second_moments: list[Tensor],
