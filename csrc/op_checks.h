@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "histogram.h"
+#include "kernel_tensor.h"
 #include "stats_table.h"
 
 namespace instrumented_adam {
@@ -65,19 +66,27 @@ inline void check_prev_step(const at::Tensor& param, const at::Tensor& prev, con
   check_companion(param, prev, what, i, /*allow_bfloat16=*/true);
 }
 
-// Parameter i and the tensors that go with it, on `device`.
-inline void check_parameter(const at::Tensor& p, int64_t i, const at::Device& device, at::TensorList grads,
-                            at::TensorList exp_avgs, at::TensorList second_moments,
-                            at::TensorList max_second_moments, at::TensorList prev_epoch_steps, bool amsgrad) {
+// Parameter i itself, on `device`, and its gradient: the checks every op (Adam's, the classic
+// ones) makes before its state's.
+inline void check_parameter_and_grad(const at::Tensor& p, const at::Tensor& grad, int64_t i,
+                                     const at::Device& device) {
   TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but the call is on ",
               device, "; use one optimizer per device");
   TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
               "]); view them as real with torch.view_as_real");
   TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
-  TORCH_CHECK(grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
+  TORCH_CHECK(grad.layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
   TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
               "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
-  check_companion(p, grads[i], "grads", i);
+  (void)kernel_dtype<DType>(p);  // the supported dtypes, with the shared message
+  check_companion(p, grad, "grads", i);
+}
+
+// Parameter i and the tensors that go with it, on `device`.
+inline void check_parameter(const at::Tensor& p, int64_t i, const at::Device& device, at::TensorList grads,
+                            at::TensorList exp_avgs, at::TensorList second_moments,
+                            at::TensorList max_second_moments, at::TensorList prev_epoch_steps, bool amsgrad) {
+  check_parameter_and_grad(p, grads[i], i, device);
   check_companion(p, exp_avgs[i], "exp_avgs", i);
   check_companion(p, second_moments[i], "second_moments", i);
   if (amsgrad) check_companion(p, max_second_moments[i], "max_second_moments", i);

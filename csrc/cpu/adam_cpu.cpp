@@ -1,36 +1,20 @@
-// CPU implementation of instrumented_adam::adam_step: argument checks, per-tensor step scalars,
+// CPU implementation of instrumented_adam::adam_step: argument checks and per-tensor step scalars;
 // the (tensor, chunk) work list, the parallel loop and the deterministic reduction of the
-// per-chunk statistics. The arithmetic itself is in adam_kernel_isa.cpp / adam_math.h.
-#include <ATen/Parallel.h>
+// per-chunk statistics are work_list.h (shared with the classic ops). The arithmetic itself is in
+// adam_kernel_isa.cpp / adam_math.h.
 #include <ATen/core/Tensor.h>
-#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cmath>
 #include <cstring>
-#include <memory>
-#include <vector>
 
 #include "../adam_step_call.h"
-#include "kernel_args.h"
+#include "work_list.h"
 
 namespace instrumented_adam::cpu {
 namespace {
-
-// Elements per work item: large enough to amortise the per-item cost, small enough to balance
-// two to a few dozen threads. A multiple of 64 so only a tensor's last item has a SIMD tail.
-constexpr int64_t kChunk = 32768;
-static_assert(kChunk <= kMaxHistogramItem, "a work item's histogram counts are 16-bit (histogram.h)");
-// Below this many elements in a call, one thread does all the work (a parallel region costs more).
-constexpr int64_t kParallelGrain = 65536;
-
-double read_scalar(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
-              " must be a one-element CPU tensor, got shape ", t.sizes(), " on ", t.device());
-  return t.item<double>();
-}
 
 // torch.optim.Adamax has no fused kernel; ours follows its single-tensor path, which computes the
 // step size as a tensor operation when lr is a tensor: clr = lr / (1 - beta1**t), the bias
@@ -59,24 +43,6 @@ void adamax_tensor_lr_step_size(at::ScalarType lr_type, double lr, double beta1,
   t.coeff_double.neg_step_size = -step_size;
 }
 
-using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
-
-// The instruction set torch dispatches its own kernels to (ATEN_CPU_CAPABILITY lowers it).
-ProcessItems select_isa() {
-  static const ProcessItems chosen = [] {
-    const std::string capability = at::get_cpu_capability();
-// The build defines IA_HAVE_ISA_<isa> for each copy it compiled (setup.py; CMake builds all three).
-#if defined(IA_HAVE_ISA_AVX512)
-    if (capability == "AVX512") return &AVX512::process_items;
-#endif
-#if defined(IA_HAVE_ISA_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::process_items;
-#endif
-    return &DEFAULT::process_items;
-  }();
-  return chosen;
-}
-
 void adam_step_cpu(const AdamStepCall& call) {
   const int64_t n = call.size();
   const Algorithm algo = call.algorithm;
@@ -97,32 +63,16 @@ void adam_step_cpu(const AdamStepCall& call) {
   }
 
   // AMP (GradScaler): the kernel divides each gradient by grad_scale and stores it back.
-  const float* grad_scale_ptr = nullptr;
-  if (call.grad_scale.has_value()) {
-    TORCH_CHECK(call.grad_scale->scalar_type() == at::kFloat && call.grad_scale->numel() == 1 && call.grad_scale->device().is_cpu(),
-                "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
-    grad_scale_ptr = call.grad_scale->data_ptr<float>();
-  }
+  const float* grad_scale_ptr = grad_scale_pointer(call.grad_scale);
   const bool skip_step = call.found_inf.has_value() && read_scalar(*call.found_inf, "found_inf") != 0;
   if (call.lr_tensor.has_value()) lr = read_scalar(*call.lr_tensor, "lr");
 
-  std::vector<TensorArgs> tensors(n);
-  std::vector<WorkItem> items;
-  std::vector<int64_t> item_starts;  // element offset of each item in the whole call, for balancing
-  int64_t total = 0;
+  WorkList work(n);
   for (int64_t i = 0; i < n; ++i) {
     call.check_parameter(i, device);
-    const at::Tensor& step_t = call.state_steps[i];
-    TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
-                    (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
-                "instrumented_adam: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
-    TensorArgs& t = tensors[i];
-    call.describe_parameter(i, t);
-    for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
-      items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
-      item_starts.push_back(total + begin);
-    }
-    total += t.numel;
+    check_step_counter(call.state_steps[i], i);
+    call.describe_parameter(i, work.tensor(i));
+    work.add_items(i);
   }
 
   // Everything is validated: only now mutate (a bad argument must leave the state untouched).
@@ -139,64 +89,22 @@ void adam_step_cpu(const AdamStepCall& call) {
   ElementCoefficients<float> coeff_float{};
   ElementCoefficients<double> coeff_double{};
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& step_t = call.state_steps[i];
-    double step;
-    if (step_t.scalar_type() == at::kFloat) {
-      float* s = step_t.data_ptr<float>();
-      step = *s += 1.0f;
-    } else {
-      double* s = step_t.data_ptr<double>();
-      step = *s += 1.0;
-    }
+    const double step = advance_step(call.state_steps[i]);
     if (step != coeff_step) {
       const StepScalars scalars{lr, call.beta1, call.beta2, call.eps, call.weight_decay, step};
       coeff_float = make_coefficients<float>(scalars, algo, call.maximize, amsgrad);
       coeff_double = make_coefficients<double>(scalars, algo, call.maximize, amsgrad);
       coeff_step = step;
     }
-    tensors[i].coeff_float = coeff_float;
-    tensors[i].coeff_double = coeff_double;
+    TensorArgs& t = work.tensor(i);
+    t.coeff_float = coeff_float;
+    t.coeff_double = coeff_double;
     if (algo == Algorithm::kAdamax && call.lr_tensor.has_value()) {
-      adamax_tensor_lr_step_size(call.lr_tensor->scalar_type(), lr, call.beta1, step, tensors[i]);
+      adamax_tensor_lr_step_size(call.lr_tensor->scalar_type(), lr, call.beta1, step, t);
     }
   }
 
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
-  KernelArgs args{algo,           stats_data != nullptr, !call.prev_epoch_steps.empty(),
-                  grad_scale_ptr, tensors.data(),        items.data(),
-                  item_stats.data()};
-  // Per-item histogram counts, each written whole by its item (no zeroing needed).
-  std::unique_ptr<int64_t[]> item_hist(hist_data ? new int64_t[num_items * kHistRow] : nullptr);
-  args.item_hist = item_hist.get();
-  const auto process_items = select_isa();
-  // Threads get equal element ranges; each processes the items that start in its range, so
-  // many small tensors share one parallel region and the partials do not depend on thread count.
-  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
-    const auto first = std::lower_bound(item_starts.begin(), item_starts.end(), begin) - item_starts.begin();
-    const auto last = std::lower_bound(item_starts.begin(), item_starts.end(), end) - item_starts.begin();
-    process_items(args, first, last);
-  });
-
-  if (stats_data) {
-    for (int64_t k = 0; k < num_items; ++k) {
-      const int64_t tensor = items[k].tensor;
-      double* row = stats_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kNumStats;
-      const double* partial = item_stats.data() + k * kNumStats;
-      for (int s = 0; s < kNumStats; ++s) {
-        // A tensor's first item starts its row; later ones combine as the table says.
-        row[s] = items[k].begin == 0 ? partial[s] : combine_partials(s, row[s], partial[s]);
-      }
-    }
-  }
-  if (hist_data) {  // integer counts: the sum does not depend on the order
-    for (int64_t k = 0; k < num_items; ++k) {
-      const int64_t tensor = items[k].tensor;
-      int64_t* row = hist_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kHistRow;
-      const int64_t* partial = item_hist.get() + k * kHistRow;
-      for (int64_t b = 0; b < kHistRow; ++b) row[b] += partial[b];
-    }
-  }
+  work.run(algo, !call.prev_epoch_steps.empty(), grad_scale_ptr, stats_data, hist_data, call.stat_rows);
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // CPU implementation of instrumented_adam::sgd_step, rmsprop_step and adagrad_step (schemas:
-// csrc/ops.cpp): argument checks, per-tensor constants (ClassicCoefficients, classic_rules.h), the
-// (tensor, chunk) work list, one parallel region and the fixed-order fold of the statistics, as
-// adam_cpu.cpp does for the Adam family. The arithmetic is the rules' (classic_rules.h), run by the
-// shared per-ISA harness (adam_kernel_isa.cpp).
+// csrc/ops.cpp): argument checks and per-tensor constants (ClassicCoefficients, classic_rules.h);
+// the work list, its parallel region and the fold of the statistics are the Adam family's
+// (work_list.h). The arithmetic is the rules' (classic_rules.h), run by the shared per-ISA harness
+// (adam_kernel_isa.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "../op_checks.h"
-#include "kernel_args.h"
+#include "work_list.h"
 
 #include <ATen/Config.h>
 
@@ -49,32 +49,6 @@ void (*torch_sqrt_double())(int, const double*, double*) {
 }
 
 // As adam_cpu.cpp: a multiple of 64 elements per item, one thread below the grain.
-constexpr int64_t kChunk = 32768;
-constexpr int64_t kParallelGrain = 65536;
-
-double read_one(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "instrumented_adam: ", what,
-              " must be a one-element CPU tensor, got shape ", t.sizes(), " on ", t.device());
-  return t.item<double>();
-}
-
-using ProcessItems = void (*)(const KernelArgs&, int64_t, int64_t);
-
-ProcessItems select_isa() {
-  static const ProcessItems chosen = [] {
-    const std::string capability = at::get_cpu_capability();
-#if defined(IA_HAVE_ISA_AVX512)
-    if (capability == "AVX512") return &AVX512::process_items;
-#endif
-#if defined(IA_HAVE_ISA_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::process_items;
-#endif
-    return &DEFAULT::process_items;
-  }();
-  return chosen;
-}
-
-// A state list of the call: `name`, and whether it must hold one tensor per parameter.
 struct StateList {
   at::TensorList tensors;
   const char* name;
@@ -118,26 +92,12 @@ void check_lists(const ClassicCall& call) {
 
 void check_parameter(const ClassicCall& call, int64_t i, const at::Device& device) {
   const at::Tensor& p = call.params[i];
-  TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but the call is on ",
-              device, "; use one optimizer per device");
-  TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
-              "]); view them as real with torch.view_as_real");
-  TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
-  TORCH_CHECK(call.grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
-  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
-              "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
-  (void)kernel_dtype<DType>(p);  // the supported dtypes, with the shared message
-  check_companion(p, call.grads[i], "grads", i);
+  check_parameter_and_grad(p, call.grads[i], i, device);
   for (const StateList& s : call.states) {
     if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
   }
   if (!call.prev_epoch_steps.empty()) check_companion(p, call.prev_epoch_steps[i], "prev_epoch_steps", i);
-  if (call.has_steps) {
-    const at::Tensor& step_t = call.state_steps[i];
-    TORCH_CHECK(step_t.numel() == 1 && step_t.device().is_cpu() &&
-                    (step_t.scalar_type() == at::kFloat || step_t.scalar_type() == at::kDouble),
-                "instrumented_adam: state_steps[", i, "] must be a one-element float32/float64 CPU tensor");
-  }
+  if (call.has_steps) check_step_counter(call.state_steps[i], i);
 }
 
 void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
@@ -150,24 +110,15 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
     stats_rows_total = check_stats_buffer(*call.stats, device, n, call.stat_rows);
     stats_data = call.stats->data_ptr<double>();
   }
-  const float* grad_scale_ptr = nullptr;
-  if (call.grad_scale.has_value()) {
-    TORCH_CHECK(call.grad_scale->scalar_type() == at::kFloat && call.grad_scale->numel() == 1 &&
-                    call.grad_scale->device().is_cpu(),
-                "instrumented_adam: grad_scale must be a one-element float32 CPU tensor");
-    grad_scale_ptr = call.grad_scale->data_ptr<float>();
-  }
-  const bool skip_step = call.found_inf.has_value() && read_one(*call.found_inf, "found_inf") != 0;
-  const double lr = call.lr_tensor.has_value() ? read_one(*call.lr_tensor, "lr") : call.lr;
+  const float* grad_scale_ptr = grad_scale_pointer(call.grad_scale);
+  const bool skip_step = call.found_inf.has_value() && read_scalar(*call.found_inf, "found_inf") != 0;
+  const double lr = call.lr_tensor.has_value() ? read_scalar(*call.lr_tensor, "lr") : call.lr;
 
-  std::vector<TensorArgs> tensors(n);
-  std::vector<WorkItem> items;
-  std::vector<int64_t> item_starts;
-  int64_t total = 0;
+  WorkList work(n);
   for (int64_t i = 0; i < n; ++i) {
     check_parameter(call, i, device);
     const at::Tensor& p = call.params[i];
-    TensorArgs& t = tensors[i];
+    TensorArgs& t = work.tensor(i);
     t.param = p.data_ptr();
     t.grad = call.grads[i].data_ptr();
     for (int s = 0; s < kMaxStates; ++s) {
@@ -177,52 +128,17 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
     t.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
     t.numel = p.numel();
     t.dtype = kernel_dtype<DType>(p);
-    for (int64_t begin = 0; begin < t.numel; begin += kChunk) {
-      items.push_back({i, begin, std::min(begin + kChunk, t.numel)});
-      item_starts.push_back(total + begin);
-    }
-    total += t.numel;
+    work.add_items(i);
   }
 
   // Validated: only now mutate. found_inf skips the whole step (counters and statistics too).
   if (stats_data) std::memset(stats_data, 0, sizeof(double) * stats_rows_total * kNumStats);
   if (skip_step) return;
   for (int64_t i = 0; i < n; ++i) {
-    double step = 0;
-    if (call.has_steps) {
-      const at::Tensor& step_t = call.state_steps[i];
-      if (step_t.scalar_type() == at::kFloat) {
-        float* s = step_t.data_ptr<float>();
-        step = *s += 1.0f;
-      } else {
-        double* s = step_t.data_ptr<double>();
-        step = *s += 1.0;
-      }
-    }
-    make(i, lr, step, call.params[i].scalar_type(), tensors[i]);
+    const double step = call.has_steps ? advance_step(call.state_steps[i]) : 0.0;
+    make(i, lr, step, call.params[i].scalar_type(), work.tensor(i));
   }
-
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  std::vector<double> item_stats(stats_data ? num_items * kNumStats : 0);
-  KernelArgs args{call.algorithm, stats_data != nullptr, !call.prev_epoch_steps.empty(),
-                  grad_scale_ptr, tensors.data(),        items.data(),
-                  item_stats.data()};
-  const auto process_items = select_isa();
-  at::parallel_for(0, total, kParallelGrain, [&](int64_t begin, int64_t end) {
-    const auto first = std::lower_bound(item_starts.begin(), item_starts.end(), begin) - item_starts.begin();
-    const auto last = std::lower_bound(item_starts.begin(), item_starts.end(), end) - item_starts.begin();
-    process_items(args, first, last);
-  });
-  if (stats_data) {
-    for (int64_t k = 0; k < num_items; ++k) {
-      const int64_t tensor = items[k].tensor;
-      double* row = stats_data + (call.stat_rows.empty() ? tensor : call.stat_rows[tensor]) * kNumStats;
-      const double* partial = item_stats.data() + k * kNumStats;
-      for (int s = 0; s < kNumStats; ++s) {
-        row[s] = items[k].begin == 0 ? partial[s] : combine_partials(s, row[s], partial[s]);
-      }
-    }
-  }
+  work.run(call.algorithm, !call.prev_epoch_steps.empty(), grad_scale_ptr, stats_data, nullptr, call.stat_rows);
 }
 
 // x rounded to the storage type of a bf16/fp16 parameter and back (torch's `fVec(scalar_t(x))`).
