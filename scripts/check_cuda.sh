@@ -124,6 +124,11 @@ for (_, regs, (stack, st, ld), smem), n in sorted(zip(rows, names), key=lambda r
     n = n.replace("(UpdateLaunch, KernelScalars)", "").replace("void ", "").replace("amsgrad", "")
     n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), true>", r"\1+amsgrad", n)
     n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), false>", r"\1", n)
+    n = re.sub(r"SgdCudaRule<true>", "SGD+momentum", n)
+    n = re.sub(r"SgdCudaRule<false>", "SGD", n)
+    n = re.sub(r"RmspropCudaRule<(true|false), (true|false)>",
+               lambda m: "RMSprop" + ("+momentum" if m.group(1) == "true" else "") + ("+centered" if m.group(2) == "true" else ""), n)
+    n = n.replace("AdagradCudaRule", "Adagrad")
     spilled += int(st) + int(ld)
     print(f"{regs:>4} {st + '/' + ld:>11} {stack:>5} {smem:>5}  {n}")
 print(f"check_cuda: {len(rows)} kernels, {'no spills' if spilled == 0 else f'SPILLS: {spilled} bytes'}")
