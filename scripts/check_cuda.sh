@@ -81,10 +81,13 @@ done
 OTHER_FORM=$((3 - FORM))
 while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
 compile "form$OTHER_FORM" "$NVCC" "${NVCC_BASE[@]}" "-DIA_TORCH_CUDA_ADAM_FORM=$OTHER_FORM" csrc/cuda/adam_kernel_f32.cu -o "$OUT/form$OTHER_FORM.o" &
+# (the classic rules' SGD follows the same form: classic_rules.cuh)
+while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
+compile "classic_form$OTHER_FORM" "$NVCC" "${NVCC_BASE[@]}" "-DIA_TORCH_CUDA_ADAM_FORM=$OTHER_FORM" csrc/cuda/classic_kernel_f32.cu -o "$OUT/classic_form$OTHER_FORM.o" &
 wait
 
 status=0
-for src in csrc/cuda/*.cu csrc/cuda/*.cpp "form$OTHER_FORM"; do
+for src in csrc/cuda/*.cu csrc/cuda/*.cpp "form$OTHER_FORM" "classic_form$OTHER_FORM"; do
   name=$(basename "$src")
   if [ "$(cat "$OUT/$name.status" 2>/dev/null)" != ok ]; then
     echo "check_cuda: FAILED to compile $src:"

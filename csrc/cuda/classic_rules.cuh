@@ -6,9 +6,11 @@
 // Numerics. torch's CUDA kernels do not compute what its CPU kernels compute, so the CPU rules of
 // classic_rules.h (which follow torch's CPU kernels) are not what runs here:
 //   - SGD and Adagrad follow torch.optim.SGD/Adagrad(fused=True) on CUDA (aten/src/ATen/native/
-//     cuda/FusedSgdKernel.cu, fused_adagrad_utils.cuh). Their hyperparameters are C++ doubles, so
-//     in an fp32 (or bf16/fp16) step every expression that meets one is evaluated in double and
-//     rounded to fp32 where torch assigns it to an fp32 variable; the rest is fp32. Where torch
+//     cuda/FusedSgdKernel.cu, fused_adagrad_utils.cuh). Adagrad's hyperparameters are C++
+//     doubles, so in an fp32 (or bf16/fp16) step every expression that meets one is evaluated in
+//     double and rounded to fp32 where torch assigns it to an fp32 variable; the rest is fp32.
+//     SGD was the same until torch moved it to the compute type with fused Adam (both forms
+//     below, selected by IA_TORCH_CUDA_ADAM_FORM). Where torch
 //     leaves a multiply-add to nvcc's contraction, the form written here is the one nvcc 13.0 emits
 //     for torch's expressions on sm_90 (read off the PTX of a replica of sgd_math / adagrad_math,
 //     and for the one mul+sub pair that NVVM leaves to ptxas, p -= lr * g, by comparing ptxas'
@@ -35,37 +37,49 @@ using torch_cuda::rn_sqrt;
 using torch_cuda::rn_sub;
 
 // ---- SGD: torch.optim.SGD(fused=True)'s CUDA arithmetic (sgd_math of FusedSgdKernel.cu) ----
-//   g ← −g (maximize); g ← fl(fma(θ, λ, g)) in double; b ← g (first step) or
-//   fl(fma(1 − τ, g, μ·b)) in double; g ← fl(fma(b_double, μ, g)) (Nesterov, with b before its
-//   rounding) or fl(b_double); θ ← fl(fma(−g, lr, θ)) in double. fl: rounding to the compute type.
+// torch changed it together with fused Adam (pytorch PR 173227, "Use opmath_t and not double
+// compute in fused SGD and Adam"), so the form follows IA_TORCH_CUDA_ADAM_FORM (adam_math.h;
+// setup.py reads it off the installed torch's fused_adam_utils.cuh: the same PR changed both):
+//   form 1 (double hyperparameters): g ← −g (maximize); g ← fl(fma_D(θ, λ, g)); b_D ← g (first
+//     step) or fma_D(1 − τ, g, μ·b); b ← fl(b_D); g ← fl(fma_D(b_D, μ, g)) (Nesterov, b before its
+//     rounding) or fl(b_D); θ ← fl(fma_D(−g, lr, θ)). D: in double; fl: rounded to the compute type.
+//   form 2 (hyperparameters rounded to the compute type, everything in it): g ← −g;
+//     g ← fma(θ, λ, g); b ← g or fma(1 − τ, g, μ·b); g ← fma(b, μ, g) or b; θ ← fma(−g, lr, θ).
+// (Both read off the PTX of replicas of each sgd_math compiled by nvcc 13.0 for sm_90; θ − lr·g
+// is left to ptxas as a mul and a sub, which it fuses: the cubin of the PTX as emitted is
+// byte-identical to that of the explicit fma.)
 // State slot 0: momentum_buffer (kMomentum only). Statistics: first moment b (0 without
 // momentum), no second moment, effective step size lr (denominator 1).
 template <bool kMomentum, class O>
 struct SgdCuda {
-  double lr, weight_decay, momentum, one_minus_dampening;
+#if IA_TORCH_CUDA_ADAM_FORM == 1
+  using S = double;  // the type torch's sgd_math computes the hyperparameter terms in
+#else
+  using S = O;
+#endif
+  S lr, weight_decay, momentum, one_minus_dampening;
   bool has_weight_decay, nesterov, maximize, first_step;
   __device__ __forceinline__ SgdCuda(const KernelScalars& s, double lr_, float /*step*/, int32_t flags)
-      : lr(lr_),
-        weight_decay(s.weight_decay),
-        momentum(s.momentum),
-        one_minus_dampening(rn_sub(1.0, s.dampening)),  // torch: (1 - dampening) in double
-        has_weight_decay(s.weight_decay != 0),
+      : lr(static_cast<S>(lr_)),  // lr_ptr ? *lr_ptr : lr (a float tensor is exact in either type)
+        weight_decay(static_cast<S>(s.weight_decay)),
+        momentum(static_cast<S>(s.momentum)),
+        one_minus_dampening(rn_sub(S(1), static_cast<S>(s.dampening))),  // (1 - dampening) in S
+        has_weight_decay(static_cast<S>(s.weight_decay) != S(0)),
         nesterov(s.nesterov),
         maximize(s.maximize),
         first_step((flags & kFlagFirstStep) != 0) {}
   __device__ __forceinline__ void apply(O& p, O g, O (&state)[kMaxStates], O& moment, O& denom) const {
-    using D = double;
     if (maximize) g = -g;  // g *= -1.0: exact
-    if (has_weight_decay) g = static_cast<O>(rn_fma(D(p), weight_decay, D(g)));  // g += wd * p
+    if (has_weight_decay) g = static_cast<O>(rn_fma(S(p), weight_decay, S(g)));  // g += wd * p
     if constexpr (kMomentum) {
       O& buf = state[SgdState::kMomentumBuffer];
       // const auto momentum_buffer = is_first_step ? g : momentum * buf + (1 - dampening) * g;
-      // (a double either way: the ternary's common type)
-      const D b = first_step ? D(g) : rn_fma(one_minus_dampening, D(g), rn_mul(momentum, D(buf)));
+      // (of type S either way: the ternary's common type)
+      const S b = first_step ? S(g) : rn_fma(one_minus_dampening, S(g), rn_mul(momentum, S(buf)));
       buf = static_cast<O>(b);
-      g = nesterov ? static_cast<O>(rn_fma(b, momentum, D(g))) : static_cast<O>(b);
+      g = nesterov ? static_cast<O>(rn_fma(b, momentum, S(g))) : static_cast<O>(b);
     }
-    p = static_cast<O>(rn_fma(-D(g), lr, D(p)));  // p -= lr * g (the fma ptxas makes of it)
+    p = static_cast<O>(rn_fma(-S(g), lr, S(p)));  // p -= lr * g (the fma ptxas makes of it)
     moment = O(0);
     denom = O(1);
   }
