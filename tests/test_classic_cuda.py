@@ -34,6 +34,8 @@ What is asserted, and why (docs/cuda.md, "SGD, RMSprop and Adagrad"):
   found_inf on the host, with dampening != 0 by one read).
 * No host synchronisation: steps under torch.cuda.set_sync_debug_mode("error"), lr float or
   device tensor, with and without GradScaler (after a first step, which builds the layout).
+* CUDA graphs: a captured step replayed N times gives bitwise the parameters, state and
+  statistics of N eager steps.
 """
 
 from __future__ import annotations
@@ -593,3 +595,60 @@ def test_no_host_sync_with_grad_scaler(name):
             train_step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["SGD", "RMSprop", "Adagrad"])
+def test_cuda_graph_replay_matches_eager(key):
+    """A captured step (no host synchronisation, no allocation outside the caching allocator)
+    replayed N times gives bitwise the parameters, state and statistics of N eager steps."""
+    name = key.split("-")[0]
+    cls = CLASSES[name][0]
+    kwargs = STATS_KWARGS[key]
+    init = make_params(((64, 33), (33,), (1000,), (CHUNK + 9,)), seed=1)
+    bank = DeviceGrads(init, torch.float32)
+    grads = [bank.grads(t) for t in range(10)]
+    eager_p = [p.clone().requires_grad_() for p in init]
+    graph_p = [p.clone().requires_grad_() for p in init]
+    eager = cls(eager_p, **kwargs)
+    graphed = cls(graph_p, **kwargs)
+    for p in graph_p:
+        p.grad = torch.zeros_like(p)  # static gradients the graph reads
+
+    warmup = 3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for t in range(warmup):
+            for p, g in zip(graph_p, grads[t]):
+                p.grad.copy_(g)
+            graphed.step()
+            if t == 1:
+                graphed.end_epoch()  # the captured step also reads the previous epoch's step
+    torch.cuda.current_stream().wait_stream(side)
+    for t in range(warmup):
+        for p, g in zip(eager_p, grads[t]):
+            p.grad = g.clone()
+        eager.step()
+        if t == 1:
+            eager.end_epoch()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for t in range(warmup, len(grads)):
+        for p, g in zip(graph_p, grads[t]):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(eager_p, grads[t]):
+            p.grad = g.clone()
+        eager.step()
+        torch.cuda.synchronize()
+        for p, q in zip(graph_p, eager_p):
+            assert torch.equal(p, q), f"step {t}"
+            for k, v in eager.state[q].items():
+                if torch.is_tensor(v):
+                    assert torch.equal(graphed.state[p][k], v), f"step {t} state {k}"
+        assert torch.equal(graphed._layout.stats, eager._layout.stats), f"step {t} statistics"
