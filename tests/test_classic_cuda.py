@@ -14,13 +14,14 @@ What is asserted, and why (docs/cuda.md, "SGD, RMSprop and Adagrad"):
   values; SGD: the same or all in the compute type, by the torch form setup.py detects; the
   contractions nvcc 13.0 makes of torch's expressions) with correctly rounded intrinsics; only a
   torch whose kernels differ, or another nvcc contraction in torch's own build, breaks this.
-* RMSprop: torch has no fused kernel. Ours computes the CPU rule's sequence of ATen ops in the
-  compute type, with IEEE sqrt. Against torch's single-tensor and foreach CUDA paths (their own
-  kernels: addcmul/addcdiv contract differently, and the foreach path evaluates in another order)
-  to rtol = atol = 1e-5 in fp32 after 300 steps (1e-12 in fp64): an ulp-level difference per
-  step, nothing accumulates beyond that since the gradients do not depend on the parameters.
-  Against our CPU kernel: bitwise for bf16/fp16 (both IEEE fp32 arithmetic with the same
-  roundings), to 1e-5 in fp32 (the CPU uses MKL's sqrt, as torch's CPU sqrt does).
+* RMSprop: torch has no fused kernel. Ours computes torch's single-tensor sequence of ATen ops
+  as its CUDA kernels round each (addcmul / addcdiv as fma(value, t1 op t2, input)), in the
+  compute type. Against torch's single-tensor and foreach CUDA paths in fp32 after 300 steps:
+  asserted to rtol = atol = 1e-5 (1e-12 in fp64), expected bitwise where torch's kernels are
+  those of torch 2.13 (docs/cuda.md); the gradients do not depend on the parameters, so an
+  ulp-level difference per step would not grow beyond that. Against our CPU kernel (torch's CPU
+  roundings: fma((1 - α)·g, g, v), fma(−ḡ, ḡ, v), and MKL's sqrt in fp32): to 1e-5 in fp32,
+  1e-2 in bf16/fp16 (a stored value an ulp apart now and then).
 * Statistics on / off: bitwise identical parameters and state, every family and storage type, and
   independent of how the work is split into launches.
 * Statistics: against float64 sums recomputed from the optimizer's own snapshots
@@ -260,20 +261,21 @@ def run_cpu_and_cuda(name, kwargs, sizes, dtype, steps, epoch_every=0):
     return runs["cpu"], runs[DEVICE]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("config", ["rmsprop-everything", "rmsprop-momentum-wd", "rmsprop-alpha-low-centered"])
-def test_rmsprop_reduced_cuda_bitwise_vs_cpu_kernel(config, dtype):
-    """bf16/fp16: both kernels run the same fp32 IEEE operations on the stored values (the CPU's
-    sqrt of bf16/fp16 is IEEE), so parameters and state agree bitwise."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("config", ["rmsprop-everything", "rmsprop-momentum-wd", "rmsprop"])
+def test_rmsprop_cuda_vs_cpu_kernel(config, dtype, tol):
+    """Our CUDA and CPU kernels follow torch's CUDA and CPU roundings of the same ATen ops, which
+    differ by an ulp (addcmul / addcdiv forms; MKL's sqrt on the CPU in fp32)."""
     name, kwargs = CONFIGS[config]
     (cpu_p, cpu_opt, _), (cuda_p, cuda_opt, _) = run_cpu_and_cuda(name, kwargs, SMALL_SIZES, dtype, steps=50)
     for i, (p, q) in enumerate(zip(cpu_p, cuda_p)):
-        assert torch.equal(p.detach(), q.detach().cpu()), f"{config} param {i}"
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=tol, atol=tol, msg=lambda m: f"param {i}: {m}")
         for k in STATE_KEYS[name]:
             a, b = cpu_opt.state[p].get(k), cuda_opt.state[q].get(k)
             assert (a is None) == (b is None), k
             if a is not None:
-                assert torch.equal(a, b.cpu()), f"{config} param {i} state {k}"
+                torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol, msg=lambda m: f"param {i} {k}: {m}")
 
 
 # ---- statistics ------------------------------------------------------------------------------------

@@ -10,16 +10,18 @@
 //     doubles, so in an fp32 (or bf16/fp16) step every expression that meets one is evaluated in
 //     double and rounded to fp32 where torch assigns it to an fp32 variable; the rest is fp32.
 //     SGD was the same until torch moved it to the compute type with fused Adam (both forms
-//     below, selected by IA_TORCH_CUDA_ADAM_FORM). Where torch
-//     leaves a multiply-add to nvcc's contraction, the form written here is the one nvcc 13.0 emits
+//     below, selected by IA_TORCH_CUDA_ADAM_FORM). Where torch leaves a multiply-add to nvcc's
+//     contraction, the form written here is the one nvcc 13.0 emits
 //     for torch's expressions on sm_90 (read off the PTX of a replica of sgd_math / adagrad_math,
 //     and for the one mul+sub pair that NVVM leaves to ptxas, p -= lr * g, by comparing ptxas'
 //     code for the PTX as emitted with the explicit fma and the explicitly unfused forms: it is the
 //     fma). Adagrad's corrected lr is computed on the device from the device step, as torch does:
 //     lr / fma(float(step - 1), lr_decay, 1) in double.
-//   - RMSprop: torch has no fused kernel. The rule is the CPU rule's sequence of ATen ops (mul_,
-//     addcmul_, lerp_, addcmul, sqrt, add_, addcdiv_ / add_(alpha)), each as a correctly rounded
-//     intrinsic, in the compute type, with IEEE sqrt (as torch's CUDA sqrt; the CPU's is MKL's).
+//   - RMSprop: torch has no fused kernel. The rule is its single-tensor path's sequence of ATen
+//     ops (mul_, addcmul_, lerp_, addcmul, sqrt, add_, addcdiv_ / add_(alpha)) as torch's CUDA
+//     kernels compute each (not as its CPU kernels do: CUDA's addcmul / addcdiv are
+//     fma(value, t1 op t2, input), DeviceAddCmulCdiv.cuh, shared by the foreach kernels), each a
+//     correctly rounded intrinsic in the compute type, with IEEE sqrt.
 // Every operation is a correctly rounded intrinsic (torch_cuda::rn_*, adam_math.h): nvcc can
 // neither contract nor reorder it, so the statistics code cannot change the update.
 #pragma once
@@ -135,10 +137,14 @@ struct AdagradCudaRule {
   using For = AdagradCuda<O>;
 };
 
-// ---- RMSprop: the CPU rule's sequence of ATen ops (RmspropRule, classic_rules.h), on CUDA ----
-//   g ← −g; g ← fma(θ, λ, g); v ← v·α; v ← fma((1 − α)·g, g, v); centered: ḡ ← lerp(ḡ, g, 1 − α)
-//   (torch's lerp: fma from the nearer end), m ← fma(−ḡ, ḡ, v), else m ← v; d ← √m + ε;
-//   momentum: b ← b·μ + g/d, θ ← fma(b, −lr, θ); else θ ← θ + (−lr·g)/d. All in the compute type.
+// ---- RMSprop: torch's single-tensor path (the ops of RmspropRule, classic_rules.h) as torch's
+// CUDA kernels compute them ----
+//   g ← −g; g ← fma(λ, θ, g) (add(alpha)); v ← v·α; v ← fma(1 − α, g·g, v) (addcmul_, value
+//   1 − α; fma(g, g, v) when that value is 1); centered: ḡ ← lerp(ḡ, g, 1 − α) (fma from the
+//   nearer end), m ← v − ḡ·ḡ (addcmul, value −1), else m ← v; d ← √m + ε; momentum: b ← b·μ + g/d
+//   (addcdiv_, value 1: input + t1/t2), θ ← fma(−lr, b, θ); else θ ← fma(−lr, g/d, θ) (addcdiv_).
+//   All in the compute type; pytorch's DeviceAddCmulCdiv.cuh (torch 2.13) is where addcmul and
+//   addcdiv are spelled out, the rest are nvcc's contractions of `a + alpha * b`.
 // The state tensors present are packed into consecutive slots (the CUDA harness loads slots
 // 0 .. kNumStates−1): square_avg, then momentum_buffer (kMomentum), then grad_avg (kCentered).
 template <bool kMomentum, bool kCentered, class O>
@@ -146,7 +152,7 @@ struct RmspropCuda {
   static constexpr int kBufSlot = 1;
   static constexpr int kGradAvgSlot = kMomentum ? 2 : 1;
   O lr, neg_lr, weight_decay, momentum, eps, alpha, one_minus_alpha, lerp_coeff;
-  bool lerp_from_grad, has_weight_decay, maximize;
+  bool lerp_from_grad, has_weight_decay, maximize, unit_sq_weight;
   __device__ __forceinline__ RmspropCuda(const KernelScalars& s, double lr_, float /*step*/, int32_t /*flags*/)
       : lr(static_cast<O>(lr_)),
         neg_lr(static_cast<O>(-lr_)),
@@ -156,7 +162,8 @@ struct RmspropCuda {
         alpha(static_cast<O>(s.alpha)),
         one_minus_alpha(static_cast<O>(1 - s.alpha)),
         has_weight_decay(s.weight_decay != 0),
-        maximize(s.maximize) {
+        maximize(s.maximize),
+        unit_sq_weight(one_minus_alpha == O(1)) {
     // grad_avg.lerp_(grad, 1 - alpha): torch's lerp rounds the weight, then picks its end.
     const O weight = static_cast<O>(1 - s.alpha);
     lerp_from_grad = !((weight < O(0) ? -weight : weight) < O(0.5));
@@ -164,23 +171,29 @@ struct RmspropCuda {
   }
   __device__ __forceinline__ void apply(O& p, O g, O (&state)[kMaxStates], O& moment, O& denom) const {
     if (maximize) g = -g;
-    if (has_weight_decay) g = rn_fma(p, weight_decay, g);  // grad.add(param, alpha=wd)
+    if (has_weight_decay) g = rn_fma(weight_decay, p, g);  // grad.add(param, alpha=wd)
     O& v = state[0];
-    v = rn_mul(v, alpha);                            // mul_(alpha)
-    v = rn_fma(rn_mul(one_minus_alpha, g), g, v);    // addcmul_(g, g, value=1-alpha)
+    v = rn_mul(v, alpha);  // mul_(alpha)
+    // addcmul_(g, g, value=1-alpha): fma(value, g*g, v), or fma(g, g, v) for value 1
+    if (unit_sq_weight) {
+      v = rn_fma(g, g, v);
+    } else {
+      v = rn_fma(one_minus_alpha, rn_mul(g, g), v);
+    }
     O m = v;
     if constexpr (kCentered) {
       O& ga = state[kGradAvgSlot];
       ga = rn_fma(lerp_coeff, rn_sub(g, ga), lerp_from_grad ? g : ga);  // lerp_(g, 1-alpha)
-      m = rn_fma(-ga, ga, v);                                           // addcmul(ga, ga, value=-1)
+      m = rn_sub(v, rn_mul(ga, ga));  // addcmul(ga, ga, value=-1): fma(-1, ga*ga, v)
     }
     const O d = rn_add(rn_sqrt(m), eps);  // sqrt, add_(eps)
+    const O q = rn_div(g, d);             // the t1/t2 of either addcdiv_
     if constexpr (kMomentum) {
       O& buf = state[kBufSlot];
-      buf = rn_add(rn_mul(buf, momentum), rn_div(g, d));  // mul_(momentum).addcdiv_(g, d)
-      p = rn_fma(buf, neg_lr, p);                          // add_(buf, alpha=-lr)
+      buf = rn_add(rn_mul(buf, momentum), q);  // mul_(momentum).addcdiv_(g, d): value 1, input + t1/t2
+      p = rn_fma(neg_lr, buf, p);              // add_(buf, alpha=-lr)
     } else {
-      p = rn_add(p, rn_div(rn_mul(neg_lr, g), d));  // addcdiv_(g, d, value=-lr)
+      p = rn_fma(neg_lr, q, p);  // addcdiv_(g, d, value=-lr): fma(value, g/d, p)
     }
     moment = m;
     denom = d;

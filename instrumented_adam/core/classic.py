@@ -14,9 +14,10 @@ fp32 registers as torch's fused kernels do (see csrc/classic_rules.h for torch 2
 whose reduced-type vector loop does not update the parameters).
 
 Numerics (CUDA; csrc/cuda/classic_rules.cuh, docs/cuda.md): SGD and Adagrad follow torch's fused
-CUDA kernels (which compute in double where their hyperparameters meet fp32 values), RMSprop the
-CPU rule's sequence of ATen ops with IEEE sqrt; lr tensors, the step counters, grad_scale and
-found_inf are read on the device (no host synchronisation).
+CUDA kernels (Adagrad's, and older torch's SGD, compute in double where their hyperparameters
+meet fp32 values), RMSprop torch's single-tensor sequence of ATen ops as its CUDA kernels round
+them; lr tensors, the step counters, grad_scale and found_inf are read on the device (no host
+synchronisation).
 
 Not supported (a clear error instead): sparse gradients (torch's non-fused SGD and Adagrad accept
 them; use those for sparse embeddings), `differentiable=True` (use torch.optim's class), and
