@@ -81,10 +81,13 @@ done
 OTHER_FORM=$((3 - FORM))
 while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
 compile "form$OTHER_FORM" "$NVCC" "${NVCC_BASE[@]}" "-DIA_TORCH_CUDA_ADAM_FORM=$OTHER_FORM" csrc/cuda/adam_kernel_f32.cu -o "$OUT/form$OTHER_FORM.o" &
+# (the classic rules' SGD follows the same form: classic_rules.cuh)
+while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
+compile "classic_form$OTHER_FORM" "$NVCC" "${NVCC_BASE[@]}" "-DIA_TORCH_CUDA_ADAM_FORM=$OTHER_FORM" csrc/cuda/classic_kernel_f32.cu -o "$OUT/classic_form$OTHER_FORM.o" &
 wait
 
 status=0
-for src in csrc/cuda/*.cu csrc/cuda/*.cpp "form$OTHER_FORM"; do
+for src in csrc/cuda/*.cu csrc/cuda/*.cpp "form$OTHER_FORM" "classic_form$OTHER_FORM"; do
   name=$(basename "$src")
   if [ "$(cat "$OUT/$name.status" 2>/dev/null)" != ok ]; then
     echo "check_cuda: FAILED to compile $src:"
@@ -124,6 +127,11 @@ for (_, regs, (stack, st, ld), smem), n in sorted(zip(rows, names), key=lambda r
     n = n.replace("(UpdateLaunch, KernelScalars)", "").replace("void ", "").replace("amsgrad", "")
     n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), true>", r"\1+amsgrad", n)
     n = re.sub(r"(?:instrumented_adam::cuda::detail::)?AdamFamilyRule<(\w+), false>", r"\1", n)
+    n = re.sub(r"SgdCudaRule<true>", "SGD+momentum", n)
+    n = re.sub(r"SgdCudaRule<false>", "SGD", n)
+    n = re.sub(r"RmspropCudaRule<(true|false), (true|false)>",
+               lambda m: "RMSprop" + ("+momentum" if m.group(1) == "true" else "") + ("+centered" if m.group(2) == "true" else ""), n)
+    n = n.replace("AdagradCudaRule", "Adagrad")
     spilled += int(st) + int(ld)
     print(f"{regs:>4} {st + '/' + ld:>11} {stack:>5} {smem:>5}  {n}")
 print(f"check_cuda: {len(rows)} kernels, {'no spills' if spilled == 0 else f'SPILLS: {spilled} bytes'}")

@@ -8,36 +8,18 @@
 // inside CUDA graph capture. Narrow headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h):
 // see docs/design.md, "Building".
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstdlib>
 #include <optional>
 #include <vector>
 
 #include "../adam_step_call.h"
 #include "adam_cuda.h"
+#include "cuda_glue.h"
 
 namespace instrumented_adam::cuda {
 namespace {
-
-// A one-element float32 tensor on `device`, read by the kernels (never on the host).
-const float* device_scalar(const at::Tensor& t, const at::Device& device, const char* what) {
-  TORCH_CHECK(t.numel() == 1 && t.device() == device && t.scalar_type() == at::kFloat, "instrumented_adam: ", what,
-              " must be a one-element float32 tensor on ", device, ", got ", t.scalar_type(), " of shape ",
-              t.sizes(), " on ", t.device());
-  return t.data_ptr<float>();
-}
-
-// Test hooks (adam_cuda.h, LaunchLimits): read at every call, so a test can set them for a while.
-int64_t env_limit(const char* name) {
-  const char* value = std::getenv(name);
-  return value == nullptr ? 0 : std::max<int64_t>(0, std::atoll(value));
-}
 
 void adam_step_cuda(const AdamStepCall& call) {
   const int64_t n = call.size();
@@ -76,26 +58,8 @@ void adam_step_cuda(const AdamStepCall& call) {
   if (call.grad_scale.has_value()) args.grad_scale = device_scalar(*call.grad_scale, device, "grad_scale");
   if (call.found_inf.has_value()) args.found_inf = device_scalar(*call.found_inf, device, "found_inf");
 
-  // lr as a tensor: on the device it is read by the kernels; a CPU tensor is read here, which does
-  // not synchronise with the GPU (torch's fused Adam does the same).
-  if (call.lr_tensor.has_value()) {
-    const at::Tensor& t = *call.lr_tensor;
-    TORCH_CHECK(t.numel() == 1, "instrumented_adam: lr must be a one-element tensor, got shape ", t.sizes());
-    switch (t.scalar_type()) {
-      case at::kFloat: args.lr_source = LrSource::kFloat; break;
-      case at::kDouble: args.lr_source = LrSource::kDouble; break;
-      case at::kBFloat16: args.lr_source = LrSource::kBFloat16; break;
-      case at::kHalf: args.lr_source = LrSource::kHalf; break;
-      default: TORCH_CHECK(false, "instrumented_adam: lr must be a floating-point tensor, got ", t.scalar_type());
-    }
-    if (t.device().is_cpu()) {
-      args.lr = t.item<double>();
-    } else {
-      TORCH_CHECK(t.device() == device, "instrumented_adam: lr is on ", t.device(), " but the parameters are on ",
-                  device);
-      args.lr_ptr = t.const_data_ptr();
-    }
-  }
+  // lr as a tensor: read by the kernels on the device, here for a CPU tensor (cuda_glue.h).
+  if (call.lr_tensor.has_value()) set_lr_tensor(args, *call.lr_tensor, device);
 
   std::vector<HostTensor> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -113,17 +77,7 @@ void adam_step_cuda(const AdamStepCall& call) {
   args.prev_dot = args.stats != nullptr && !call.prev_epoch_steps.empty();
 
   // Everything is validated: only now allocate and launch (a bad argument leaves the state untouched).
-  at::Tensor partials;
-  if (args.stats != nullptr) {
-    const int64_t rows = num_partials(tensors.data(), n);
-    partials = at::empty({std::max<int64_t>(rows, 1) * kNumStats}, at::TensorOptions().dtype(at::kDouble).device(device));
-    args.partials = partials.data_ptr<double>();
-  }
-  LaunchLimits limits;
-  limits.max_tensors = static_cast<int>(std::min<int64_t>(env_limit("IA_CUDA_MAX_TENSORS_PER_LAUNCH"), 1 << 30));
-  limits.max_blocks = env_limit("IA_CUDA_MAX_BLOCKS_PER_LAUNCH");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  C10_CUDA_CHECK(launch_adam_step(args, tensors.data(), n, limits, stream));
+  launch_on_current_stream(args, tensors, device);
 }
 
 }  // namespace

@@ -34,21 +34,28 @@ constexpr int kMaxTensorsPerLaunch = 128;
 constexpr int kMaxFinalizePerLaunch = 640;
 
 // One parameter as the glue sees it (all pointers on one device; absent ones null).
+// The state slots are the CUDA rule's: the Adam family's AdamState order; for the classic rules
+// the state tensors present, packed from slot 0 (classic_rules.cuh).
 struct HostTensor : ParameterPointers {
-  float* step;        // the state step (float32, on the device); incremented unless found_inf
+  float* step;        // the state step (float32, on the device); incremented unless found_inf; null for SGD
   int64_t stats_row;  // row of the statistics buffer this tensor writes
+  bool first_step;    // SGD: the momentum buffer is new and becomes the gradient
 };
 
 // The call-wide arguments.
 struct CallArgs {
-  Algorithm algorithm;
-  bool amsgrad;     // ignored for Adamax
+  Algorithm algorithm;  // any family: the Adam family's op (adam_cuda.cpp) and the classic ops (classic_cuda.cpp)
+  bool amsgrad;     // ignored for Adamax and the classic rules
   bool maximize;
   bool prev_dot;    // accumulate update_dot_prev_epoch (every prev_step is set)
   double lr;           // used when lr_ptr is null
   const void* lr_ptr;  // a device lr_tensor (of dtype lr_source), read by every block; or null
   LrSource lr_source;
   double beta1, beta2, weight_decay, eps;
+  // The classic rules' options (SGD: momentum, dampening, nesterov; RMSprop: alpha, momentum,
+  // centered; Adagrad: lr_decay); weight_decay, eps and maximize above are shared.
+  double momentum, dampening, alpha, lr_decay;
+  bool nesterov, centered;
   const float* grad_scale;  // AMP: divide the gradient by *grad_scale and store it back; or null
   const float* found_inf;   // AMP: when *found_inf != 0 nothing changes, statistics are zero; or null
   double* stats;            // [stats_rows][kNumStats] float64 on the device, or null (statistics off)
@@ -73,10 +80,10 @@ struct LaunchLimits {
   int64_t max_blocks = 0;
 };
 
-// Enqueues the whole step on `stream`: the update launches, then the launches that reduce the
-// statistics and advance the step counters. Never synchronises, never allocates, never copies to or
-// from the host. Returns the first launch error (cudaSuccess when all launched).
-cudaError_t launch_adam_step(const CallArgs& args, const HostTensor* tensors, int64_t n, LaunchLimits limits,
-                              cudaStream_t stream);
+// Enqueues the whole step of any family on `stream`: the update launches, then the launches that
+// reduce the statistics and advance the step counters. Never synchronises, never allocates, never
+// copies to or from the host. Returns the first launch error (cudaSuccess when all launched).
+cudaError_t launch_step(const CallArgs& args, const HostTensor* tensors, int64_t n, LaunchLimits limits,
+                        cudaStream_t stream);
 
 }  // namespace instrumented_adam::cuda

@@ -69,12 +69,16 @@ struct Traits<__half> {
 // tensors kFirstState + 0 .. kFirstState + kMaxStates - 1 (in the order the rule declares them).
 enum Array : int { kParam, kGrad, kPrev, kFirstState, kNumArrays = kFirstState + kMaxStates };
 
+// Per-tensor flags of a launch (LaunchTensor::flags), read by the rules that need them.
+enum TensorFlag : int32_t { kFlagFirstStep = 1 };  // SGD: the momentum buffer is new (it becomes g)
+
 struct LaunchTensor {
   void* ptr[kNumArrays];  // unused arrays are null
-  const float* step;
+  const float* step;    // null for a rule without a step counter (R::kHasStep false: SGD)
   int64_t numel;
   int64_t first_chunk;  // the tensor's chunk that its first block in this launch updates
   int64_t hist_row;     // the tensor's row of the histograms buffer (its statistics row)
+  int32_t flags;        // TensorFlag bits
 };
 
 struct UpdateLaunch {
@@ -86,6 +90,9 @@ struct UpdateLaunch {
 
 struct KernelScalars {
   double lr, beta1, beta2, weight_decay, eps;
+  // The classic rules' options (classic_rules.cuh); unused by the Adam family.
+  double momentum, dampening, alpha, lr_decay;
+  bool nesterov;
   const void* lr_ptr;
   LrSource lr_source;
   const float* grad_scale;
@@ -137,7 +144,7 @@ template <Algorithm algo, bool amsgrad, class O>
 struct Rule {
   torch_cuda::AdamCoefficients<O> c;
   bool maximize;
-  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
+  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step, int32_t /*flags*/)
       : c(torch_cuda::make_adam_coefficients<O>(lr, s.beta1, s.beta2, s.weight_decay, s.eps, step)),
         maximize(s.maximize) {}
   __device__ __forceinline__ void apply(O& p, O g, O (&state)[kMaxStates], O& moment, O& denom) const {
@@ -152,7 +159,7 @@ struct Rule {
 template <bool amsgrad, class O>
 struct Rule<Algorithm::kAdamax, amsgrad, O> {
   ElementCoefficients<O> c;
-  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step)
+  __device__ __forceinline__ Rule(const KernelScalars& s, double lr, float step, int32_t /*flags*/)
       : c(make_coefficients<O>(StepScalars{lr, s.beta1, s.beta2, s.eps, s.weight_decay, static_cast<double>(step)},
                                Algorithm::kAdamax, s.maximize, false)) {
     // With lr as a tensor torch's single-tensor Adamax computes the step size as a tensor operation
@@ -178,13 +185,19 @@ struct Rule<Algorithm::kAdamax, amsgrad, O> {
 // tensors it declares and the per-element rule for each compute type O. It is instantiated per
 // option, so kNumStates counts exactly the states this instantiation reads and writes (without
 // amsgrad the kernel never touches a max_exp_avg_sq slot, decided at compile time as before).
-// Adding an optimizer family adds one such type and its rules, and a case in launch_update below;
-// the launcher, the kernel and both reduction stages stay as they are.
+// kHasStep: the tensors have a float32 step counter (read as step + 1, advanced by the second
+// stage); SGD has none (its LaunchTensor::step is null and the rule sees step 0).
+// For<O> is constructed per block from (KernelScalars, lr, step, LaunchTensor::flags) and provides
+// apply(p, g, state, moment, denom) and step_size() (the numerator of the effective step size).
+// Adding an optimizer family adds one such type and its rules, and a case in launch_update below
+// (the classic families: classic_rules.cuh, launch_classic_update); the launcher, the kernel and
+// both reduction stages stay as they are.
 template <Algorithm algo, bool amsgrad>
 struct AdamFamilyRule {
   static constexpr int kNumStates = amsgrad ? AdamState::kMaxSecondMoment + 1 : AdamState::kSecondMoment + 1;
   static constexpr int kNumRequiredStates = kNumStates;
   static constexpr int kFirstMomentState = AdamState::kExpAvg;
+  static constexpr bool kHasStep = true;
   template <class O>
   using For = Rule<algo, amsgrad, O>;
 };
@@ -203,8 +216,8 @@ struct ElementStep {
   O scale;
   bool unscale;
 
-  __device__ __forceinline__ ElementStep(const KernelScalars& s, double lr, float step)
-      : rule(s, lr, step), scale(O(1)), unscale(s.grad_scale != nullptr) {
+  __device__ __forceinline__ ElementStep(const KernelScalars& s, double lr, float step, int32_t flags)
+      : rule(s, lr, step, flags), scale(O(1)), unscale(s.grad_scale != nullptr) {
     if (unscale) scale = static_cast<O>(*s.grad_scale);
   }
 
@@ -330,9 +343,9 @@ __global__ void __launch_bounds__(kThreads)
   const P* const __restrict__ prev = kPrev ? static_cast<const P*>(t.ptr[kPrev]) + begin : nullptr;
 
   // The step number after this step's increment, as torch's _foreach_add_(state_steps, 1) makes it.
-  const float step = *t.step + 1.0f;
+  const float step = R::kHasStep ? *t.step + 1.0f : 0.0f;
   const double lr = read_lr(s);
-  const ElementStep<T, R, kStats, kPrev, kHist, P> element(s, lr, step);
+  const ElementStep<T, R, kStats, kPrev, kHist, P> element(s, lr, step, t.flags);
   // The block's histograms in shared memory (3 KB), added to the tensor's row at the end.
   __shared__ unsigned int hist[kHist ? kNumHistograms * kHistBins : 1];
   if constexpr (kHist) {
@@ -449,8 +462,21 @@ void launch_update(Algorithm algo, bool amsgrad, Stats mode, const UpdateLaunch&
     case Algorithm::kAdamax:  // no amsgrad variant
       launch_update_typed<T, AdamFamilyRule<Algorithm::kAdamax, false>>(mode, launch, blocks, s, stream);
       break;
+    default: break;  // SGD, RMSprop, Adagrad: launch_classic_update
   }
 }
+
+// The classic families' update launch (SGD, RMSprop, Adagrad): defined in classic_rules.cuh and
+// instantiated in classic_kernel_<type>.cu, one translation unit per storage type, apart from the
+// Adam family's. `variant` selects the instantiation by the options that change the state tensors
+// (classic_variant in classic_rules.cuh); the classic ops take the modes kOff, kOn and kOnPrev only.
+// The instantiation a classic call needs: the options that decide which state tensors exist.
+//   SGD: bit 0 momentum != 0 (a momentum buffer). RMSprop: bit 0 momentum > 0, bit 1 centered.
+//   Adagrad: 0.
+enum ClassicVariant : int { kVariantMomentum = 1, kVariantCentered = 2 };
+template <class T>
+void launch_classic_update(Algorithm algo, int variant, Stats mode, const UpdateLaunch& launch, int64_t blocks,
+                           const KernelScalars& s, cudaStream_t stream);
 
 // Instantiated in adam_kernel_<type>.cu, one translation unit per type.
 extern template void launch_update<float>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
@@ -461,5 +487,14 @@ extern template void launch_update<__nv_bfloat16>(Algorithm, bool, Stats, const 
                                                   const KernelScalars&, cudaStream_t);
 extern template void launch_update<__half>(Algorithm, bool, Stats, const UpdateLaunch&, int64_t,
                                            const KernelScalars&, cudaStream_t);
+
+extern template void launch_classic_update<float>(Algorithm, int, Stats, const UpdateLaunch&, int64_t,
+                                                  const KernelScalars&, cudaStream_t);
+extern template void launch_classic_update<double>(Algorithm, int, Stats, const UpdateLaunch&, int64_t,
+                                                   const KernelScalars&, cudaStream_t);
+extern template void launch_classic_update<__nv_bfloat16>(Algorithm, int, Stats, const UpdateLaunch&, int64_t,
+                                                          const KernelScalars&, cudaStream_t);
+extern template void launch_classic_update<__half>(Algorithm, int, Stats, const UpdateLaunch&, int64_t,
+                                                   const KernelScalars&, cudaStream_t);
 
 }  // namespace instrumented_adam::cuda::detail

@@ -1,6 +1,8 @@
-// The second stage of instrumented_adam::adam_step on CUDA and the host side of the whole step:
-// the (tensor, chunk) work list, split into launches, and the launches themselves (the update
-// kernel is in adam_kernel.cuh). No torch headers; the glue is adam_cuda.cpp.
+// The second stage of a step on CUDA and the host side of the whole step, for every family (the
+// Adam family's adam_step and the classic sgd_step, rmsprop_step, adagrad_step): the (tensor,
+// chunk) work list, split into launches, and the launches themselves (the update kernel is in
+// adam_kernel.cuh, the classic rules in classic_rules.cuh). No torch headers; the glue is
+// adam_cuda.cpp and classic_cuda.cpp.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -32,8 +34,9 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     double* out = stats + t.row * kNumStats;
 #pragma unroll
     for (int k = 0; k < kNumStats; ++k) out[k] = x[k];
-    // Every update block of this call has read the step (stream order): advance it now.
-    if (!skipped) *t.step = *t.step + 1.0f;
+    // Every update block of this call has read the step (stream order): advance it now (SGD has
+    // no step counter: null).
+    if (!skipped && t.step != nullptr) *t.step = *t.step + 1.0f;
   }
 }
 
@@ -46,8 +49,24 @@ __global__ void __launch_bounds__(128)
   *step = *step + 1.0f;
 }
 
-void dispatch_update(DType dtype, Algorithm algo, bool amsgrad, Stats mode, const UpdateLaunch& launch,
+bool is_classic(Algorithm algo) {
+  return algo == Algorithm::kSgd || algo == Algorithm::kRmsprop || algo == Algorithm::kAdagrad;
+}
+
+// variant: amsgrad for the Adam family; the classic rules' ClassicVariant bits (classic_variant).
+void dispatch_update(DType dtype, Algorithm algo, int variant, Stats mode, const UpdateLaunch& launch,
                      int64_t blocks, const KernelScalars& s, cudaStream_t stream) {
+  if (is_classic(algo)) {
+    switch (dtype) {
+      case DType::kFloat: return launch_classic_update<float>(algo, variant, mode, launch, blocks, s, stream);
+      case DType::kDouble: return launch_classic_update<double>(algo, variant, mode, launch, blocks, s, stream);
+      case DType::kBFloat16:
+        return launch_classic_update<__nv_bfloat16>(algo, variant, mode, launch, blocks, s, stream);
+      case DType::kHalf: return launch_classic_update<__half>(algo, variant, mode, launch, blocks, s, stream);
+    }
+    return;
+  }
+  const bool amsgrad = variant != 0;
   switch (dtype) {
     case DType::kFloat: return launch_update<float>(algo, amsgrad, mode, launch, blocks, s, stream);
     case DType::kDouble: return launch_update<double>(algo, amsgrad, mode, launch, blocks, s, stream);
@@ -61,10 +80,19 @@ void dispatch_update(DType dtype, Algorithm algo, bool amsgrad, Stats mode, cons
 
 using namespace detail;
 
-cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64_t n, LaunchLimits limits,
-                              cudaStream_t stream) {
+cudaError_t launch_step(const CallArgs& a, const HostTensor* tensors, int64_t n, LaunchLimits limits,
+                        cudaStream_t stream) {
   const bool stats = a.stats != nullptr;
-  const bool amsgrad = a.amsgrad && a.algorithm != Algorithm::kAdamax;
+  const bool classic = is_classic(a.algorithm);
+  const bool amsgrad = a.amsgrad && !classic && a.algorithm != Algorithm::kAdamax;
+  // The instantiation: amsgrad for the Adam family, the options that decide the classic rules'
+  // state tensors for those (classic_rules.cuh, ClassicVariant).
+  int variant = amsgrad ? 1 : 0;
+  if (a.algorithm == Algorithm::kSgd) variant = a.momentum != 0 ? kVariantMomentum : 0;
+  if (a.algorithm == Algorithm::kRmsprop) {
+    variant = (a.momentum > 0 ? kVariantMomentum : 0) | (a.centered ? kVariantCentered : 0);
+  }
+  if (a.algorithm == Algorithm::kAdagrad) variant = 0;
   const bool hist = stats && a.histograms != nullptr;
   const Stats call_mode = !stats ? Stats::kOff
                           : hist ? (a.prev_dot ? Stats::kOnPrevHist : Stats::kOnHist)
@@ -109,6 +137,11 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
   scalars.partials = a.partials;
   scalars.histograms = hist ? reinterpret_cast<unsigned long long*>(a.histograms) : nullptr;
   scalars.maximize = a.maximize;
+  scalars.momentum = a.momentum;
+  scalars.dampening = a.dampening;
+  scalars.alpha = a.alpha;
+  scalars.lr_decay = a.lr_decay;
+  scalars.nesterov = a.nesterov;
 
   // Update launches, one dtype (and previous-step storage) at a time (the kernel is templated on
   // them), tensors in call order.
@@ -126,7 +159,7 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
   auto flush = [&](DType dtype) {
     if (launch.num_tensors == 0) return;
     launch.block_begin[launch.num_tensors] = static_cast<int32_t>(blocks);
-    dispatch_update(dtype, a.algorithm, amsgrad, mode, launch, blocks, scalars, stream);
+    dispatch_update(dtype, a.algorithm, variant, mode, launch, blocks, scalars, stream);
     const cudaError_t err = cudaGetLastError();
     if (first_error == cudaSuccess) first_error = err;
     start();
@@ -157,6 +190,7 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
           t.numel = h.numel;
           t.first_chunk = chunk;
           t.hist_row = h.stats_row;
+          t.flags = h.first_step ? kFlagFirstStep : 0;
           launch.block_begin[launch.num_tensors] = static_cast<int32_t>(blocks);
           ++launch.num_tensors;
           blocks += take;
@@ -199,6 +233,7 @@ cudaError_t launch_adam_step(const CallArgs& a, const HostTensor* tensors, int64
       steps.num_tensors = 0;
     };
     for (int64_t i = 0; i < n; ++i) {
+      if (tensors[i].step == nullptr) continue;  // SGD: no step counter
       if (steps.num_tensors == kMaxFinalizePerLaunch) flush_steps();
       steps.steps[steps.num_tensors++] = tensors[i].step;
     }

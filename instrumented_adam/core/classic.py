@@ -13,9 +13,15 @@ no fused kernel) bitwise, including torch's CPU sqrt (MKL's, not IEEE's). bf16/f
 fp32 registers as torch's fused kernels do (see csrc/classic_rules.h for torch 2.13's fused SGD,
 whose reduced-type vector loop does not update the parameters).
 
+Numerics (CUDA; csrc/cuda/classic_rules.cuh, docs/cuda.md): SGD and Adagrad follow torch's fused
+CUDA kernels (Adagrad's, and older torch's SGD, compute in double where their hyperparameters
+meet fp32 values), RMSprop torch's single-tensor sequence of ATen ops as its CUDA kernels round
+them; lr tensors, the step counters, grad_scale and found_inf are read on the device (no host
+synchronisation).
+
 Not supported (a clear error instead): sparse gradients (torch's non-fused SGD and Adagrad accept
-them; use those for sparse embeddings), `differentiable=True` (use torch.optim's class), and,
-so far, CUDA parameters (the rules are CPU-only until their CUDA harness cases are written).
+them; use those for sparse embeddings), `differentiable=True` (use torch.optim's class), and
+devices other than CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -131,9 +137,8 @@ class _Classic(_Instrumented):
         return plan
 
     def _step_group(self, gi: int, group: dict, layout, grad_scale, found_inf, take_histograms: bool = False) -> bool:
-        if layout.device.type != "cpu":
-            # The CUDA rules are not written yet (docs/design.md, "SGD, RMSprop and Adagrad").
-            raise NotImplementedError(f"instrumented_adam.{type(self).__name__} runs on CPU only so far; "
+        if layout.device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(f"instrumented_adam.{type(self).__name__} runs on CPU and CUDA; "
                                       f"use torch.optim.{type(self).__name__} on {layout.device}")
         plan = self._ia.plans.get(gi)
         if plan is not None and getattr(plan, "options", None) != self._plan_options(group):
@@ -143,9 +148,22 @@ class _Classic(_Instrumented):
         plan = self._ia.plans.get(gi)
         if plan is not None and plan.first_step:
             # The new buffers now hold their first value, unless the step was skipped (AMP).
-            if found_inf is None or not bool(found_inf.item()):
+            if found_inf is None or not self._first_step_skipped(group, found_inf):
                 plan.first_step = []
         return replanned
+
+    def _first_step_skipped(self, group: dict, found_inf: Tensor) -> bool:
+        """Whether the step that was to fill new momentum buffers was skipped (GradScaler).
+
+        On CPU, found_inf is read (free). On CUDA that would synchronise with the device, and it is
+        only needed when it matters: a skipped first step leaves the new (zero) buffer b = 0, and
+        the next step then computes μ·0 + (1 − τ)·g, which is g, the first-step value, exactly when
+        the dampening τ is 0 (SGD's default). So on CUDA found_inf is read only with dampening != 0
+        (one synchronisation, on the first step of new buffers only).
+        """
+        if found_inf.device.type == "cpu" or group.get("dampening", 0) != 0:
+            return bool(found_inf.item())
+        return False
 
     def _first_step(self) -> list[int]:
         plan = self._ia.plans.get(getattr(self._ia, "classic_group", -1))

@@ -1,0 +1,209 @@
+// CUDA implementation of instrumented_adam::sgd_step, rmsprop_step and adagrad_step (schemas:
+// csrc/ops.cpp): the CPU glue's argument checks (cpu/classic_cpu.cpp) for device tensors, the
+// plain-data description of the call, and the launch on the current stream through the harness
+// the Adam family uses (adam_launch.cu, adam_kernel.cuh; the rules: classic_rules.cuh).
+//
+// As adam_cuda.cpp: nothing here synchronises with the device or reads device memory (step
+// counters, lr_tensor, grad_scale and found_inf are read by the kernels), and the only allocation
+// is the statistics partials buffer from torch's caching allocator, so a step runs under
+// torch.cuda.set_sync_debug_mode("error") and inside CUDA graph capture.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "../op_checks.h"
+#include "adam_cuda.h"
+#include "cuda_glue.h"
+
+namespace instrumented_adam::cuda {
+namespace {
+
+// A state list of the call: `name`, and whether the call's options use it (one tensor per
+// parameter then).
+struct StateList {
+  at::TensorList tensors;
+  const char* name;
+  bool used;
+};
+
+// One call of a classic op on CUDA.
+struct ClassicCall {
+  const char* op;
+  Algorithm algorithm;
+  at::TensorList params, grads;
+  StateList states[kMaxStates];  // in the CPU rule's slot order (classic_rules.h); unused lists empty
+  at::TensorList prev_epoch_steps, state_steps;  // state_steps empty for SGD (no counter)
+  bool has_steps;
+  double lr;
+  const std::optional<at::Tensor>& lr_tensor;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& stats;
+  at::IntArrayRef stat_rows;
+  at::IntArrayRef first_step;  // SGD only
+};
+
+void check_lists(const ClassicCall& call) {
+  const size_t n = call.params.size();
+  TORCH_CHECK(call.grads.size() == n, "instrumented_adam: ", call.op, ": params and grads must have the same length");
+  for (const StateList& s : call.states) {
+    if (s.name == nullptr) continue;
+    TORCH_CHECK(!s.used || s.tensors.size() == n, "instrumented_adam: ", call.op, ": ", s.name,
+                " must have one tensor per parameter");
+  }
+  TORCH_CHECK(!call.has_steps || call.state_steps.size() == n, "instrumented_adam: ", call.op,
+              ": state_steps must have one tensor per parameter");
+  TORCH_CHECK(call.prev_epoch_steps.empty() || call.prev_epoch_steps.size() == n,
+              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
+  TORCH_CHECK(call.stat_rows.empty() || call.stat_rows.size() == n,
+              "instrumented_adam: stat_rows must be empty or have one row per parameter");
+  TORCH_CHECK(call.first_step.empty() || call.first_step.size() == n, "instrumented_adam: ", call.op,
+              ": first_step must be empty or have one entry per parameter");
+}
+
+void check_parameter(const ClassicCall& call, int64_t i, const at::Device& device) {
+  const at::Tensor& p = call.params[i];
+  TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but the call is on ",
+              device, "; use one optimizer per device");
+  TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
+              "]); view them as real with torch.view_as_real");
+  TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
+  TORCH_CHECK(call.grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
+  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
+              "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
+  (void)kernel_dtype<DType>(p);  // the supported dtypes, with the shared message
+  check_companion(p, call.grads[i], "grads", i);
+  for (const StateList& s : call.states) {
+    if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
+  }
+  // The classic ops read the previous epoch's step in the parameter's dtype only.
+  if (!call.prev_epoch_steps.empty()) check_companion(p, call.prev_epoch_steps[i], "prev_epoch_steps", i);
+  if (call.has_steps) {
+    const at::Tensor& step_t = call.state_steps[i];
+    TORCH_CHECK(step_t.numel() == 1 && step_t.device() == device && step_t.scalar_type() == at::kFloat,
+                "instrumented_adam: state_steps[", i, "] must be a one-element float32 tensor on ", device, " (got ",
+                step_t.scalar_type(), " on ", step_t.device(), "), as torch's fused optimizers keep it");
+  }
+}
+
+// Validates the call, describes it to the launcher and launches it. `args` holds the family's
+// options; the call-wide tensors are filled in here.
+void run_classic(const ClassicCall& call, CallArgs& args) {
+  check_lists(call);
+  const int64_t n = static_cast<int64_t>(call.params.size());
+  const at::Device device = n > 0 ? call.params[0].device() : (call.stats.has_value() ? call.stats->device() : at::Device(at::kCUDA));
+  TORCH_CHECK(device.is_cuda(), "instrumented_adam: the CUDA kernel got tensors on ", device);
+  c10::cuda::CUDAGuard guard(device);
+
+  args.algorithm = call.algorithm;
+  args.lr = call.lr;
+  if (call.stats.has_value()) {
+    const at::Tensor& s = *call.stats;
+    args.stats_rows = check_stats_buffer(s, device, n, call.stat_rows);
+    args.stats = s.data_ptr<double>();
+    args.stats_rows_cover_all = args.stats_rows == n;
+  }
+  // AMP (GradScaler): both read on the device; a found_inf step changes nothing (parameters, state,
+  // gradients, step counters) and its statistics rows are zeros, as on the CPU.
+  if (call.grad_scale.has_value()) args.grad_scale = device_scalar(*call.grad_scale, device, "grad_scale");
+  if (call.found_inf.has_value()) args.found_inf = device_scalar(*call.found_inf, device, "found_inf");
+  if (call.lr_tensor.has_value()) set_lr_tensor(args, *call.lr_tensor, device);
+
+  std::vector<HostTensor> tensors(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    check_parameter(call, i, device);
+    const at::Tensor& p = call.params[i];
+    HostTensor& h = tensors[static_cast<size_t>(i)];
+    h.param = p.data_ptr();
+    h.grad = call.grads[i].data_ptr();
+    // The CUDA rules take the state tensors present packed from slot 0, in the CPU rule's order
+    // (classic_rules.cuh: RMSprop's grad_avg moves up when there is no momentum buffer).
+    int slot = 0;
+    for (const StateList& s : call.states) {
+      if (s.name != nullptr && s.used) h.state[slot++] = s.tensors[i].data_ptr();
+    }
+    for (; slot < kMaxStates; ++slot) h.state[slot] = nullptr;
+    h.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
+    h.numel = p.numel();
+    h.dtype = kernel_dtype<DType>(p);
+    h.prev_dtype = h.dtype;
+    h.step = call.has_steps ? call.state_steps[i].data_ptr<float>() : nullptr;
+    h.stats_row = call.stat_rows.empty() ? i : call.stat_rows[i];
+    h.first_step = !call.first_step.empty() && call.first_step[i] != 0;
+  }
+  args.prev_dot = args.stats != nullptr && !call.prev_epoch_steps.empty();
+  launch_on_current_stream(args, tensors, device);
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList prev_epoch_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                   at::IntArrayRef first_step, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                   at::IntArrayRef stat_rows) {
+  const bool has_momentum = momentum != 0;
+  const ClassicCall call{"sgd_step", Algorithm::kSgd, params, grads,
+                         {{momentum_buffers, "momentum_buffers", has_momentum}, {{}, nullptr, false}, {{}, nullptr, false}},
+                         prev_epoch_steps, {}, false, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows,
+                         first_step};
+  CallArgs args{};
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  run_classic(call, args);
+}
+
+void rmsprop_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                       at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList prev_epoch_steps,
+                       at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                       double alpha, double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& stats, at::IntArrayRef stat_rows) {
+  const ClassicCall call{"rmsprop_step", Algorithm::kRmsprop, params, grads,
+                         {{square_avgs, "square_avgs", true},
+                          {momentum_buffers, "momentum_buffers", momentum > 0},
+                          {grad_avgs, "grad_avgs", centered}},
+                         prev_epoch_steps, state_steps, true, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows,
+                         {}};
+  CallArgs args{};
+  args.alpha = alpha;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.momentum = momentum;
+  args.centered = centered;
+  args.maximize = maximize;
+  run_classic(call, args);
+}
+
+void adagrad_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                       at::TensorList prev_epoch_steps, at::TensorList state_steps, double lr,
+                       const std::optional<at::Tensor>& lr_tensor, double lr_decay, double weight_decay, double eps,
+                       bool maximize, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
+                       at::IntArrayRef stat_rows) {
+  const ClassicCall call{"adagrad_step", Algorithm::kAdagrad, params, grads,
+                         {{state_sums, "state_sums", true}, {{}, nullptr, false}, {{}, nullptr, false}},
+                         prev_epoch_steps, state_steps, true, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows,
+                         {}};
+  CallArgs args{};
+  args.lr_decay = lr_decay;
+  args.weight_decay = weight_decay;
+  args.eps = eps;
+  args.maximize = maximize;
+  run_classic(call, args);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(instrumented_adam, CUDA, m) {
+  m.impl("sgd_step", &sgd_step_cuda);
+  m.impl("rmsprop_step", &rmsprop_step_cuda);
+  m.impl("adagrad_step", &adagrad_step_cuda);
+}
+
+}  // namespace instrumented_adam::cuda
