@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "../op_checks.h"
+#include "../classic_call.h"
 #include "work_list.h"
 
 #include <ATen/Config.h>
@@ -49,59 +49,12 @@ void (*torch_sqrt_double())(int, const double*, double*) {
 }
 
 // As adam_cpu.cpp: a multiple of 64 elements per item, one thread below the grain.
-struct StateList {
-  at::TensorList tensors;
-  const char* name;
-  bool used;
-};
-
-// One call of a classic op, device-neutral except for the CPU checks below.
-struct ClassicCall {
-  const char* op;
-  Algorithm algorithm;
-  at::TensorList params, grads;
-  StateList states[kMaxStates];  // in the rule's slot order; unused lists are empty
-  at::TensorList prev_epoch_steps, state_steps;  // state_steps empty for SGD (no counter)
-  bool has_steps;
-  double lr;
-  const std::optional<at::Tensor>& lr_tensor;
-  const std::optional<at::Tensor>& grad_scale;
-  const std::optional<at::Tensor>& found_inf;
-  const std::optional<at::Tensor>& stats;
-  at::IntArrayRef stat_rows;
-};
-
 // Fills t's coefficients for parameter i at step `step` (the counter after its increment, or 0).
 using MakeCoefficients = std::function<void(int64_t i, double lr, double step, at::ScalarType dtype, TensorArgs& t)>;
 
-void check_lists(const ClassicCall& call) {
-  const size_t n = call.params.size();
-  TORCH_CHECK(call.grads.size() == n, "instrumented_adam: ", call.op, ": params and grads must have the same length");
-  for (const StateList& s : call.states) {
-    if (s.name == nullptr) continue;
-    TORCH_CHECK(!s.used || s.tensors.size() == n, "instrumented_adam: ", call.op, ": ", s.name,
-                " must have one tensor per parameter");
-  }
-  TORCH_CHECK(!call.has_steps || call.state_steps.size() == n, "instrumented_adam: ", call.op,
-              ": state_steps must have one tensor per parameter");
-  TORCH_CHECK(call.prev_epoch_steps.empty() || call.prev_epoch_steps.size() == n,
-              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
-  TORCH_CHECK(call.stat_rows.empty() || call.stat_rows.size() == n,
-              "instrumented_adam: stat_rows must be empty or have one row per parameter");
-}
-
-void check_parameter(const ClassicCall& call, int64_t i, const at::Device& device) {
-  const at::Tensor& p = call.params[i];
-  check_parameter_and_grad(p, call.grads[i], i, device);
-  for (const StateList& s : call.states) {
-    if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
-  }
-  if (!call.prev_epoch_steps.empty()) check_companion(p, call.prev_epoch_steps[i], "prev_epoch_steps", i);
-  if (call.has_steps) check_step_counter(call.state_steps[i], i);
-}
 
 void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
-  check_lists(call);
+  call.check_lists();
   const int64_t n = static_cast<int64_t>(call.params.size());
   const at::Device device(at::kCPU);
   double* stats_data = nullptr;
@@ -116,7 +69,8 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
 
   WorkList work(n);
   for (int64_t i = 0; i < n; ++i) {
-    check_parameter(call, i, device);
+    call.check_parameter(i, device);
+    if (call.has_steps) check_step_counter(call.state_steps[i], i);
     const at::Tensor& p = call.params[i];
     TensorArgs& t = work.tensor(i);
     t.param = p.data_ptr();
@@ -187,11 +141,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& stats,
                   at::IntArrayRef stat_rows) {
   const bool has_momentum = momentum != 0;
-  TORCH_CHECK(first_step.empty() || first_step.size() == params.size(),
-              "instrumented_adam: sgd_step: first_step must be empty or have one entry per parameter");
   const ClassicCall call{"sgd_step", Algorithm::kSgd, params, grads,
                          {{momentum_buffers, "momentum_buffers", has_momentum}, {{}, nullptr, false}, {{}, nullptr, false}},
-                         prev_epoch_steps, {}, false, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows};
+                         prev_epoch_steps, {}, false, lr, lr_tensor, grad_scale, found_inf, stats, stat_rows,
+                         first_step};
   run_classic(call, [&](int64_t i, double lr_now, double, at::ScalarType dtype, TensorArgs& t) {
     fill_common(t, lr_now, weight_decay, 0.0, maximize, dtype, false);
     const bool first = !first_step.empty() && first_step[i] != 0;

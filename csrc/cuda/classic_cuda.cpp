@@ -14,73 +14,15 @@
 #include <optional>
 #include <vector>
 
-#include "../op_checks.h"
+#include "../classic_call.h"
 #include "adam_cuda.h"
 #include "cuda_glue.h"
 
 namespace instrumented_adam::cuda {
 namespace {
 
-// A state list of the call: `name`, and whether the call's options use it (one tensor per
-// parameter then).
-struct StateList {
-  at::TensorList tensors;
-  const char* name;
-  bool used;
-};
-
-// One call of a classic op on CUDA.
-struct ClassicCall {
-  const char* op;
-  Algorithm algorithm;
-  at::TensorList params, grads;
-  StateList states[kMaxStates];  // in the CPU rule's slot order (classic_rules.h); unused lists empty
-  at::TensorList prev_epoch_steps, state_steps;  // state_steps empty for SGD (no counter)
-  bool has_steps;
-  double lr;
-  const std::optional<at::Tensor>& lr_tensor;
-  const std::optional<at::Tensor>& grad_scale;
-  const std::optional<at::Tensor>& found_inf;
-  const std::optional<at::Tensor>& stats;
-  at::IntArrayRef stat_rows;
-  at::IntArrayRef first_step;  // SGD only
-};
-
-void check_lists(const ClassicCall& call) {
-  const size_t n = call.params.size();
-  TORCH_CHECK(call.grads.size() == n, "instrumented_adam: ", call.op, ": params and grads must have the same length");
-  for (const StateList& s : call.states) {
-    if (s.name == nullptr) continue;
-    TORCH_CHECK(!s.used || s.tensors.size() == n, "instrumented_adam: ", call.op, ": ", s.name,
-                " must have one tensor per parameter");
-  }
-  TORCH_CHECK(!call.has_steps || call.state_steps.size() == n, "instrumented_adam: ", call.op,
-              ": state_steps must have one tensor per parameter");
-  TORCH_CHECK(call.prev_epoch_steps.empty() || call.prev_epoch_steps.size() == n,
-              "instrumented_adam: prev_epoch_steps must be empty or have one tensor per parameter");
-  TORCH_CHECK(call.stat_rows.empty() || call.stat_rows.size() == n,
-              "instrumented_adam: stat_rows must be empty or have one row per parameter");
-  TORCH_CHECK(call.first_step.empty() || call.first_step.size() == n, "instrumented_adam: ", call.op,
-              ": first_step must be empty or have one entry per parameter");
-}
-
-void check_parameter(const ClassicCall& call, int64_t i, const at::Device& device) {
-  const at::Tensor& p = call.params[i];
-  TORCH_CHECK(p.device() == device, "instrumented_adam: params[", i, "] is on ", p.device(), " but the call is on ",
-              device, "; use one optimizer per device");
-  TORCH_CHECK(!p.is_complex(), "instrumented_adam: complex parameters are not supported (params[", i,
-              "]); view them as real with torch.view_as_real");
-  TORCH_CHECK(p.layout() == at::kStrided, "instrumented_adam: params[", i, "] must be a strided tensor");
-  TORCH_CHECK(call.grads[i].layout() == at::kStrided, "instrumented_adam: sparse gradients are not supported");
-  TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), "instrumented_adam: params[", i,
-              "] is not dense (strides ", p.strides(), "); the Python optimizer handles such parameters");
-  (void)kernel_dtype<DType>(p);  // the supported dtypes, with the shared message
-  check_companion(p, call.grads[i], "grads", i);
-  for (const StateList& s : call.states) {
-    if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
-  }
-  // The classic ops read the previous epoch's step in the parameter's dtype only.
-  if (!call.prev_epoch_steps.empty()) check_companion(p, call.prev_epoch_steps[i], "prev_epoch_steps", i);
+// The step counter of parameter i (its parameter and state are checked by ClassicCall).
+void check_step_counter(const ClassicCall& call, int64_t i, const at::Device& device) {
   if (call.has_steps) {
     const at::Tensor& step_t = call.state_steps[i];
     TORCH_CHECK(step_t.numel() == 1 && step_t.device() == device && step_t.scalar_type() == at::kFloat,
@@ -92,7 +34,7 @@ void check_parameter(const ClassicCall& call, int64_t i, const at::Device& devic
 // Validates the call, describes it to the launcher and launches it. `args` holds the family's
 // options; the call-wide tensors are filled in here.
 void run_classic(const ClassicCall& call, CallArgs& args) {
-  check_lists(call);
+  call.check_lists();
   const int64_t n = static_cast<int64_t>(call.params.size());
   const at::Device device = n > 0 ? call.params[0].device() : (call.stats.has_value() ? call.stats->device() : at::Device(at::kCUDA));
   TORCH_CHECK(device.is_cuda(), "instrumented_adam: the CUDA kernel got tensors on ", device);
@@ -114,7 +56,8 @@ void run_classic(const ClassicCall& call, CallArgs& args) {
 
   std::vector<HostTensor> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    check_parameter(call, i, device);
+    call.check_parameter(i, device);
+    check_step_counter(call, i, device);
     const at::Tensor& p = call.params[i];
     HostTensor& h = tensors[static_cast<size_t>(i)];
     h.param = p.data_ptr();
