@@ -233,3 +233,44 @@ class OpCounter(TorchDispatchModeBase):
         import collections
 
         return collections.Counter(op for op in self.ops if not (device_only and op.endswith("(step counter)")))
+
+
+def assert_graph_replay_matches_eager(eager, graphed, eager_p, graph_p, grads, warmup: int = 3) -> None:
+    """CUDA graphs: `graphed` (whose params hold static .grad tensors) is warmed up on a side
+    stream, one step is captured and replayed for the remaining gradients, while `eager` steps the
+    same gradients; after each replay parameters, state and the live statistics buffer (a stable
+    address: the graph fills it) must equal the eager optimizer's bitwise. An epoch ends during
+    warm-up, so the captured step also reads the previous epoch's step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for t in range(warmup):
+            for p, g in zip(graph_p, grads[t]):
+                p.grad.copy_(g)
+            graphed.step()
+            if t == 1:
+                graphed.end_epoch()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in range(warmup):
+        for p, g in zip(eager_p, grads[t]):
+            p.grad = g.clone()
+        eager.step()
+        if t == 1:
+            eager.end_epoch()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for t in range(warmup, len(grads)):
+        for p, g in zip(graph_p, grads[t]):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(eager_p, grads[t]):
+            p.grad = g.clone()
+        eager.step()
+        torch.cuda.synchronize()
+        for p, q in zip(graph_p, eager_p):
+            assert torch.equal(p, q), f"step {t}"
+            for k, v in eager.state[q].items():
+                if torch.is_tensor(v):
+                    assert torch.equal(graphed.state[p][k], v), f"step {t} state {k}"
+        assert torch.equal(graphed._layout.stats, eager._layout.stats), f"step {t} statistics"

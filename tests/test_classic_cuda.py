@@ -49,7 +49,7 @@ import torch
 import instrumented_adam as ia
 from instrumented_adam import NUM_STATS, STAT_INDEX, STAT_NAMES
 
-from conftest import GradBank
+from conftest import GradBank, assert_graph_replay_matches_eager
 from test_classic_parity import CONFIGS, STATE_KEYS
 from test_classic_statistics import KWARGS as STATS_KWARGS
 from test_classic_statistics import expected_row
@@ -619,38 +619,4 @@ def test_cuda_graph_replay_matches_eager(key):
     for p in graph_p:
         p.grad = torch.zeros_like(p)  # static gradients the graph reads
 
-    warmup = 3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for t in range(warmup):
-            for p, g in zip(graph_p, grads[t]):
-                p.grad.copy_(g)
-            graphed.step()
-            if t == 1:
-                graphed.end_epoch()  # the captured step also reads the previous epoch's step
-    torch.cuda.current_stream().wait_stream(side)
-    for t in range(warmup):
-        for p, g in zip(eager_p, grads[t]):
-            p.grad = g.clone()
-        eager.step()
-        if t == 1:
-            eager.end_epoch()
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.step()
-    for t in range(warmup, len(grads)):
-        for p, g in zip(graph_p, grads[t]):
-            p.grad.copy_(g)
-        graph.replay()
-        for p, g in zip(eager_p, grads[t]):
-            p.grad = g.clone()
-        eager.step()
-        torch.cuda.synchronize()
-        for p, q in zip(graph_p, eager_p):
-            assert torch.equal(p, q), f"step {t}"
-            for k, v in eager.state[q].items():
-                if torch.is_tensor(v):
-                    assert torch.equal(graphed.state[p][k], v), f"step {t} state {k}"
-        assert torch.equal(graphed._layout.stats, eager._layout.stats), f"step {t} statistics"
+    assert_graph_replay_matches_eager(eager, graphed, eager_p, graph_p, grads)

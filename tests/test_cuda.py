@@ -36,7 +36,7 @@ import torch
 
 import instrumented_adam as ia
 from instrumented_adam import NUM_STATS, STAT_INDEX, STAT_NAMES, Algorithm
-from conftest import assert_same_state
+from conftest import assert_graph_replay_matches_eager, assert_same_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -495,42 +495,7 @@ def test_cuda_graph_replay_matches_eager(name):
     for p in graph_p:
         p.grad = torch.zeros_like(p)  # static gradients the graph reads
 
-    warmup = 3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for t in range(warmup):
-            for p, g in zip(graph_p, grads[t]):
-                p.grad.copy_(g)
-            graphed.step()
-            if t == 1:
-                graphed.end_epoch()  # the captured step also reads the previous epoch's step
-    torch.cuda.current_stream().wait_stream(side)
-    for t in range(warmup):
-        for p, g in zip(eager_p, grads[t]):
-            p.grad = g.clone()
-        eager.step()
-        if t == 1:
-            eager.end_epoch()
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.step()
-    for t in range(warmup, len(grads)):
-        for p, g in zip(graph_p, grads[t]):
-            p.grad.copy_(g)
-        graph.replay()
-        for p, g in zip(eager_p, grads[t]):
-            p.grad = g.clone()
-        eager.step()
-        torch.cuda.synchronize()
-        for p, q in zip(graph_p, eager_p):
-            assert torch.equal(p, q), f"step {t}"
-            for k, v in eager.state[q].items():
-                if torch.is_tensor(v):
-                    assert torch.equal(graphed.state[p][k], v), f"step {t} state {k}"
-        # The statistics buffer has a stable address: the graph fills the live one.
-        assert torch.equal(graphed._layout.stats, eager._layout.stats), f"step {t} statistics"
+    assert_graph_replay_matches_eager(eager, graphed, eager_p, graph_p, grads)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
