@@ -119,12 +119,12 @@ ODD_SIZES = (1, 7, 8, 9, 15, 16, 17, 24, 25, 31, 33, 1000)
 LARGE_SIZES = (65549, 100003)
 
 
-def make_params(sizes, dtype=torch.float32, seed=0, scale=1.0):
+def make_params(sizes, dtype=torch.float32, seed=0, scale=1.0, device=None):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for n in sizes:
         shape = n if isinstance(n, tuple) else (n,)
-        out.append((torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype))
+        out.append((torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device))
     return out
 
 
@@ -274,3 +274,45 @@ def assert_graph_replay_matches_eager(eager, graphed, eager_p, graph_p, grads, w
                 if torch.is_tensor(v):
                     assert torch.equal(graphed.state[p][k], v), f"step {t} state {k}"
         assert torch.equal(graphed._layout.stats, eager._layout.stats), f"step {t} statistics"
+
+
+def small_model_params(device, seed: int = 0) -> list:
+    """The CUDA tests' small model on `device`: a matrix, a bias, a long vector and an odd shape."""
+    return [p.requires_grad_() for p in make_params(((64, 33), (33,), (1000,), (5, 7)), seed=seed, device=device)]
+
+
+def run_without_host_sync(step, times: int = 3) -> None:
+    """Calls step() `times` times with torch.cuda's sync debug mode at "error": any host
+    synchronisation inside raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(times):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def grad_scaler_train_step(opt, params, weights):
+    """A GradScaler training step on a quadratic loss of `params` (for the no-host-sync tests)."""
+    scaler = torch.amp.GradScaler("cuda")
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        loss = sum((p * w).sum() + 0.5 * (p * p).sum() for p, w in zip(params, weights))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return train_step
+
+
+def random_grads_step(opt, params):
+    """A step with fresh random gradients that also reads the step's statistics."""
+
+    def step():
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.last_step_statistics()
+
+    return step

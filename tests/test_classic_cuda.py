@@ -49,7 +49,9 @@ import torch
 import instrumented_adam as ia
 from instrumented_adam import NUM_STATS, STAT_INDEX, STAT_NAMES
 
-from conftest import GradBank, assert_graph_replay_matches_eager
+from conftest import make_params as conftest_make_params
+from conftest import (GradBank, assert_graph_replay_matches_eager, grad_scaler_train_step, random_grads_step,
+                      run_without_host_sync, small_model_params)
 from test_classic_parity import CONFIGS, STATE_KEYS
 from test_classic_statistics import KWARGS as STATS_KWARGS
 from test_classic_statistics import expected_row
@@ -81,12 +83,7 @@ def test_cuda_kernels_are_registered():
 
 
 def make_params(sizes, dtype=torch.float32, seed=0, device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for n in sizes:
-        shape = n if isinstance(n, tuple) else (n,)
-        out.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device))
-    return out
+    return conftest_make_params(sizes, dtype, seed=seed, device=device)
 
 
 class DeviceGrads:
@@ -542,61 +539,37 @@ def test_grad_scaler_skipped_first_sgd_step(dampening):
 # ---- no host synchronisation -----------------------------------------------------------------------
 
 
-def small_model_params(seed=0):
-    return [p.requires_grad_() for p in make_params(((64, 33), (33,), (1000,), (5, 7)), seed=seed)]
-
-
 @pytest.mark.parametrize("lr", [1e-3, "tensor:1e-3"], ids=["lr-float", "lr-tensor"])
 @pytest.mark.parametrize("key", sorted(STATS_KWARGS))
 def test_no_host_sync_during_steps(key, lr):
     name = key.split("-")[0]
-    params = small_model_params()
+    params = small_model_params(DEVICE)
     opt = CLASSES[name][0](params, **device_kwargs({**STATS_KWARGS[key], "lr": lr}))
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the first step builds the layout and state (a synchronous upload; docs/cuda.md)
     opt.end_epoch()
     opt.step()  # and the first step after an epoch boundary re-plans
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-            opt.last_step_statistics()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    run_without_host_sync(random_grads_step(opt, params))
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adagrad"])
 def test_no_host_sync_with_grad_scaler(name):
     """SGD's first step with new buffers under GradScaler reads found_inf on the host only with
     dampening != 0 (classic.py, _first_step_skipped): here dampening is 0 from the start."""
-    params = small_model_params()
+    params = small_model_params(DEVICE)
     weights = [torch.randn_like(p) for p in params]
     kwargs = dict(STATS_KWARGS[name])
     if name == "SGD":
         kwargs["dampening"] = 0.0
     opt = CLASSES[name][0](params, **kwargs)
-    scaler = torch.amp.GradScaler("cuda")
-
-    def train_step():
-        opt.zero_grad(set_to_none=False)
-        loss = sum((p * w).sum() + 0.5 * (p * p).sum() for p, w in zip(params, weights))
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    train_step = grad_scaler_train_step(opt, params, weights)
 
     # the very first step builds the layout (a synchronous upload); it does not read found_inf
     for p in params:
         p.grad = torch.zeros_like(p)
     train_step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    run_without_host_sync(train_step)
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------------

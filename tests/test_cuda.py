@@ -36,7 +36,8 @@ import torch
 
 import instrumented_adam as ia
 from instrumented_adam import NUM_STATS, STAT_INDEX, STAT_NAMES, Algorithm
-from conftest import assert_graph_replay_matches_eager, assert_same_state
+from conftest import (assert_graph_replay_matches_eager, assert_same_state, grad_scaler_train_step,
+                      random_grads_step, run_without_host_sync, small_model_params)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -436,50 +437,26 @@ def test_bad_arguments_leave_state_untouched():
 # ---- no host synchronisation, CUDA graphs, GradScaler ----------------------------------------------
 
 
-def small_model_params(seed=0):
-    return [p.requires_grad_() for p in make_params(((64, 33), (33,), (1000,), (5, 7)), seed=seed)]
-
-
 @pytest.mark.parametrize("lr", [1e-3, "tensor:1e-3"], ids=["lr-float", "lr-tensor"])
 def test_no_host_sync_during_steps(lr):
-    params = small_model_params()
+    params = small_model_params(DEVICE)
     opt = ia.AdamW(params, **materialise(dict(lr=lr)), weight_decay=0.1)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # the first step builds the layout and state (a synchronous upload; docs/cuda.md)
     opt.end_epoch()
     opt.step()  # and the first step after an epoch boundary re-plans
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-            opt.last_step_statistics()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    run_without_host_sync(random_grads_step(opt, params))
 
 
 def test_no_host_sync_with_grad_scaler():
-    params = small_model_params()
+    params = small_model_params(DEVICE)
     weights = [torch.randn_like(p) for p in params]
     opt = ia.Adam(params, lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda")
-
-    def train_step():
-        opt.zero_grad(set_to_none=False)
-        loss = sum((p * w).sum() + 0.5 * (p * p).sum() for p, w in zip(params, weights))
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    train_step = grad_scaler_train_step(opt, params, weights)
 
     train_step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    run_without_host_sync(train_step)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
