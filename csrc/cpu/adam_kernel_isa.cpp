@@ -246,17 +246,18 @@ struct SimdStats {
   // in registers. Measured with bench/bench_kernel.py (1e5 fp32 elements in cache, 1 thread, AMD
   // EPYC AVX-512): 0.095 ms without these, 0.068 ms with them, 0.065 ms before the statistics code
   // was shared with CUDA; the block change alone gave 0.103 ms.
-  // Raw storage, written before it is read: Vectorized's default constructor zeroes, and zeroing
-  // these 13 × 8 vectors (6.6 KB on AVX-512) cost every work item more than a 64-element tensor's
-  // whole update (bench/bench_many_tensors.py).
+  // Storage the constructor leaves uninitialised (a union member is not constructed), written
+  // before it is read: Vectorized's default constructor zeroes, and zeroing these 11 × 8 vectors
+  // (5.6 KB on AVX-512) cost every work item more than a 64-element tensor's whole update
+  // (bench/bench_many_tensors.py). Typed as V, not as raw bytes: a store through a char type may
+  // alias anything, `acc` included, which would keep the accumulators in memory.
   struct Block {
-    alignas(64) unsigned char bytes[kNumStats][kFlushEvery][sizeof(V)];
-    C10_ALWAYS_INLINE void put(int s, int b, const V& x) { std::memcpy(bytes[s][b], &x, sizeof(V)); }
-    C10_ALWAYS_INLINE V get(int s, int b) const {
-      V x;
-      std::memcpy(&x, bytes[s][b], sizeof(V));
-      return x;
-    }
+    union {
+      V v[kNumStats][kFlushEvery];
+    };
+    Block() {}
+    C10_ALWAYS_INLINE void put(int s, int b, const V& x) { v[s][b] = x; }
+    C10_ALWAYS_INLINE V get(int s, int b) const { return v[s][b]; }
   };
   Block& block;
   int64_t counted[kNumStats] = {};
