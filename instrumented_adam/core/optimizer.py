@@ -323,16 +323,6 @@ class _Instrumented:
         self.histogram_every = int(histogram_every)
         self.epoch_buffers = epoch_buffers
         self.distance_from_init = epoch_buffers == "exact" if distance_from_init is None else distance_from_init
-        if not torch.compiler.is_compiling():
-            # The statistics rows now, eagerly, rather than inside the first step, where under
-            # torch.compile their float64/int64 buffers were created in the graph: fused there with
-            # the float32 state, torch 2.13's inductor on AVX-512 tiled the kernel for 8 lanes but
-            # stored 16-lane float vectors past small buffers' ends (heap corruption;
-            # tests/test_classic_statistics.py::test_compiled_step_matches_eager).
-            try:
-                self._get_layout()
-            except ValueError:  # parameters on several devices: reported at the first step, as documented
-                pass
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
