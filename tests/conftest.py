@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -100,6 +101,13 @@ def run_isa_subprocess(test_file: str, capability_env: str, expected: str, selec
     env = dict(os.environ)
     env["ATEN_CPU_CAPABILITY"] = capability_env
     env[EXPECT_CAPABILITY_ENV] = expected
+    # torch.compile's on-disk cache is keyed without ATEN_CPU_CAPABILITY: a child reusing the
+    # kernels the parent generated for AVX-512 (16-lane loops) compiles them for AVX2 (8-lane
+    # vectors) and leaves half of each buffer unwritten; the parent reusing a child's 8-lane code
+    # with 16-lane vectors writes past small buffers (heap corruption, seen as an abort in
+    # test_compiled_step_matches_eager). One cache per capability.
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                  f"instrumented_adam_inductor_{capability_env}_{os.getuid()}")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not isa_subprocess",
            str(ROOT / "tests" / test_file)]
     if select:
