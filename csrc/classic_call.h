@@ -55,15 +55,21 @@ struct ClassicCall {
                 ": first_step must be empty or have one entry per parameter");
   }
 
-  // Parameter i, its gradient, its state and its previous epoch's step (read in the parameter's
-  // dtype only: the classic ops take no compact epoch buffers), on `device`.
-  void check_parameter(int64_t i, const at::Device& device) const {
+  // Parameter i, its gradient, its state and its previous epoch's step, on `device`. The previous
+  // step may be bfloat16 (compact epoch buffers) where the device's kernels read it so: the CPU's;
+  // the CUDA classic kernels read it in the parameter's dtype only so far.
+  void check_parameter(int64_t i, const at::Device& device, bool allow_compact_prev) const {
     const at::Tensor& p = params[i];
     check_parameter_and_grad(p, grads[i], i, device);
     for (const StateList& s : states) {
       if (s.name != nullptr && s.used) check_companion(p, s.tensors[i], s.name, i);
     }
-    if (!prev_epoch_steps.empty()) check_companion(p, prev_epoch_steps[i], "prev_epoch_steps", i);
+    if (prev_epoch_steps.empty()) return;
+    const at::Tensor& prev = prev_epoch_steps[i];
+    TORCH_CHECK(allow_compact_prev || prev.scalar_type() == p.scalar_type(),
+                "instrumented_adam: ", op, " on ", device, " reads the previous epoch's step in the parameter's dtype "
+                "only: compact epoch buffers for SGD, RMSprop and Adagrad run on CPU so far (use epoch_buffers='exact')");
+    check_prev_step(p, prev, "prev_epoch_steps", i);
   }
 };
 

@@ -593,3 +593,19 @@ def test_cuda_graph_replay_matches_eager(key):
         p.grad = torch.zeros_like(p)  # static gradients the graph reads
 
     assert_graph_replay_matches_eager(eager, graphed, eager_p, graph_p, grads)
+
+
+def test_compact_epoch_buffers_are_refused_on_cuda_with_a_clear_error():
+    """The CUDA classic kernels read the previous epoch's step in the parameter's dtype only: a
+    compact (bf16) one is refused by the op before anything changes, with what to do instead."""
+    params = small_model_params(DEVICE)
+    opt = ia.SGD(params, lr=1e-2, momentum=0.9, epoch_buffers="compact")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.end_epoch()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="compact epoch buffers for SGD, RMSprop and Adagrad run on CPU"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)

@@ -62,8 +62,17 @@ def test_histograms_are_refused_clearly(cls):
 
 
 @pytest.mark.parametrize("cls", ["SGD", "RMSprop", "Adagrad"])
-def test_compact_epoch_buffers_are_refused_clearly(cls):
+def test_epoch_buffers_default_exact_and_compact_on_cpu(cls):
+    """Exact by default (the CUDA classic kernels read only exact ones); compact on request keeps
+    the previous epoch's step in bf16 on CPU (its accuracy: test_epoch_buffers.py)."""
     opt = getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     assert opt.epoch_buffers == "exact" and opt.distance_from_init
-    with pytest.raises(ValueError, match="exact epoch buffers only"):
-        getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1, epoch_buffers="compact")
+    p = torch.nn.Parameter(torch.randn(3))
+    compact = getattr(ia, cls)([p], lr=0.1, epoch_buffers="compact")
+    for _ in range(2):
+        p.grad = torch.randn(3)
+        compact.step()
+        compact.end_epoch()
+    assert compact.state[p]["prev_epoch_step"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="Invalid epoch_buffers value"):
+        getattr(ia, cls)([torch.nn.Parameter(torch.zeros(3))], lr=0.1, epoch_buffers="bf16")

@@ -327,8 +327,9 @@ def test_opcheck(index):
     torch.library.opcheck(op.default, args, kwargs)
 
 
+@pytest.mark.parametrize("buffers", ["exact", "compact"])
 @pytest.mark.parametrize("name", ["SGD"])  # the one whose plan changes after its first step; ~20 s each
-def test_compiled_step_matches_eager(name):
+def test_compiled_step_matches_eager(name, buffers):
     try:
         probe = torch.compile(lambda x: x * 2 + 1, fullgraph=True)
         probe(torch.ones(3))
@@ -337,7 +338,7 @@ def test_compiled_step_matches_eager(name):
     torch._dynamo.reset()
     sizes = (5, 17, 1000)
     eager_p, compiled_p = make_params(sizes), make_params(sizes)
-    kwargs = dict(KWARGS[name], lr=torch.tensor(1e-2))
+    kwargs = dict(KWARGS[name], lr=torch.tensor(1e-2), epoch_buffers=buffers)
     eager, compiled = CLASSES[name][0](eager_p, **kwargs), CLASSES[name][0](compiled_p, **kwargs)
     step = torch.compile(compiled.step, fullgraph=True)
     bank = GradBank(sizes)
@@ -346,8 +347,13 @@ def test_compiled_step_matches_eager(name):
         set_grads(compiled_p, bank.grads(t))
         eager.step()
         step()
+        if t == 2:  # the later steps also read the previous epoch's step (bf16 when compact)
+            eager.end_epoch()
+            compiled.end_epoch()
     for a, b in zip(eager_p, compiled_p):
         assert torch.equal(a, b)
     assert torch.equal(eager.last_step_statistics().values, compiled.last_step_statistics().values)
+    if buffers == "compact":
+        assert compiled.state[compiled_p[0]]["prev_epoch_step"].dtype == torch.bfloat16
     assert compiled.steps_done == 6
     torch._dynamo.reset()

@@ -80,7 +80,7 @@ def test_default_state_is_at_most_14_bytes_per_element():
     assert figures[(("distance_from_init", True),)] == 16.0
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "SGD", "RMSprop", "Adagrad"])
 def test_compact_figures_within_stated_error_of_exact(name):
     """Same parameters, gradients and updates in both modes (the buffers never change the update);
     every epoch and per-step figure of the compact mode within its stated error of the exact one."""

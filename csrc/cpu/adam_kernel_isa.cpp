@@ -543,10 +543,10 @@ void process_range(const KernelArgs& args, const TensorArgs& t, int64_t begin, i
   if constexpr (kHist) histograms.finish(hist_out);
 }
 
-// Which variants a rule's glue can ask for. The Adam family takes histograms and compact epoch
-// buffers; SGD, RMSprop and Adagrad refuse both in Python (core/classic.py), so their histogram
-// and bf16-previous-step loops are never compiled (each variant is a full copy of the loop: the
-// instantiations are what the kernel's compile time is made of).
+// Which variants a rule's glue can ask for. Every rule takes compact epoch buffers (a bf16
+// previous-epoch step); only the Adam family takes histograms: SGD, RMSprop and Adagrad refuse them
+// in Python (core/classic.py), so their histogram loops are never compiled (each variant is a full
+// copy of the loop: the instantiations are what the kernel's compile time is made of).
 template <class Rule>
 inline constexpr bool kRuleTakesHistograms = false;
 template <Algorithm algo>
@@ -556,7 +556,7 @@ template <class scalar_t, class Rule, bool kHist>
 void dispatch_prev(const KernelArgs& args, const TensorArgs& t, const WorkItem& item, double* out,
                    int64_t* hist_out) {
   if (args.prev_dot && t.prev_step != nullptr) {
-    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16> && kRuleTakesHistograms<Rule>) {
+    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
       if (t.prev_dtype == DType::kBFloat16) {  // compact epoch buffers
         return process_range<scalar_t, Rule, true, true, kHist, c10::BFloat16>(args, t, item.begin, item.end, out,
                                                                               hist_out);

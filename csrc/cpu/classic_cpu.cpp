@@ -69,7 +69,7 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
 
   WorkList work(n);
   for (int64_t i = 0; i < n; ++i) {
-    call.check_parameter(i, device);
+    call.check_parameter(i, device, /*allow_compact_prev=*/true);
     if (call.has_steps) check_step_counter(call.state_steps[i], i);
     const at::Tensor& p = call.params[i];
     TensorArgs& t = work.tensor(i);
@@ -82,6 +82,7 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
     t.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
     t.numel = p.numel();
     t.dtype = kernel_dtype<DType>(p);
+    t.prev_dtype = call.prev_epoch_steps.empty() ? t.dtype : kernel_dtype<DType>(call.prev_epoch_steps[i]);
     work.add_items(i);
   }
 

@@ -56,7 +56,7 @@ void run_classic(const ClassicCall& call, CallArgs& args) {
 
   std::vector<HostTensor> tensors(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    call.check_parameter(i, device);
+    call.check_parameter(i, device, /*allow_compact_prev=*/false);
     check_step_counter(call, i, device);
     const at::Tensor& p = call.params[i];
     HostTensor& h = tensors[static_cast<size_t>(i)];

@@ -30,7 +30,8 @@ def _check_common(op: str, params: Sequence[Tensor], grads: Sequence[Tensor], pr
         torch._check(p.dtype in _KERNEL_DTYPES, lambda: "instrumented_adam: parameters must be float32, float64, "
                                                         f"bfloat16 or float16, got {p.dtype}")
     _check_companions(params, grads, "grads")
-    _check_companions(params, prev_epoch_steps, "prev_epoch_steps")
+    # The previous epoch's step may be bfloat16 (compact epoch buffers; the CPU kernels read it).
+    _check_companions(params, prev_epoch_steps, "prev_epoch_steps", allow_bfloat16=True)
     _check_stats(stats, stat_rows, n)
 
 

@@ -60,10 +60,6 @@ class _Classic(_Instrumented):
 
     def __init__(self, *args: Any, statistics: bool = True, epoch_geometry: bool = True, histogram_every: int = 0,
                  epoch_buffers: str = "exact", **kwargs: Any) -> None:
-        if epoch_buffers == "compact":
-            # Their ops read the previous epoch's step in the parameter's dtype only (so far).
-            raise ValueError(f"instrumented_adam.{type(self).__name__} keeps exact epoch buffers only "
-                             "(epoch_buffers='exact', its default); compact buffers are for Adam, AdamW and Adamax")
         if histogram_every:
             # The kernel histograms are counted by the Adam family's ops only (core.histogram).
             raise ValueError(f"instrumented_adam.{type(self).__name__} does not take histograms yet "
