@@ -71,6 +71,28 @@ struct ClassicCall {
                 "only: compact epoch buffers for SGD, RMSprop and Adagrad run on CPU so far (use epoch_buffers='exact')");
     check_prev_step(p, prev, "prev_epoch_steps", i);
   }
+
+  // Parameter i's pointers and size into a kernel's description (ParameterPointers: the CPU's
+  // TensorArgs, the CUDA HostTensor). The state tensors go to their rule slots (the CPU rules;
+  // an unused slot is null) or, `packed`, the ones present from slot 0 on (the CUDA rules,
+  // cuda/classic_rules.cuh: RMSprop's grad_avg moves up when there is no momentum buffer).
+  template <class KernelTensor>
+  void describe_parameter(int64_t i, KernelTensor& t, bool packed) const {
+    const at::Tensor& p = params[i];
+    t.param = p.data_ptr();
+    t.grad = grads[i].data_ptr();
+    int slot = 0;
+    for (int s = 0; s < kMaxStates; ++s) {
+      const bool present = states[s].name != nullptr && states[s].used;
+      if (present) t.state[packed ? slot++ : s] = states[s].tensors[i].data_ptr();
+      else if (!packed) t.state[s] = nullptr;
+    }
+    if (packed) for (; slot < kMaxStates; ++slot) t.state[slot] = nullptr;
+    t.prev_step = prev_epoch_steps.empty() ? nullptr : prev_epoch_steps[i].const_data_ptr();
+    t.numel = p.numel();
+    t.dtype = kernel_dtype<DType>(p);
+    t.prev_dtype = prev_epoch_steps.empty() ? t.dtype : kernel_dtype<DType>(prev_epoch_steps[i]);
+  }
 };
 
 }  // namespace instrumented_adam

@@ -136,8 +136,8 @@ def test_sparse_gradient_keeps_torchs_message():
 
 
 def test_gradient_in_another_layout_goes_through_the_general_path():
-    """The op rejects a gradient whose strides differ from its parameter's before mutating
-    anything; the general path then copies it into the parameter's layout."""
+    """The plan declines a gradient whose strides differ from its parameter's (changing nothing);
+    the general path then copies it into the parameter's layout."""
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(6, 4))
     ref = torch.nn.Parameter(weight.detach().clone())

@@ -6,7 +6,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>

@@ -3,19 +3,15 @@
 // the work list, its parallel region and the fold of the statistics are the Adam family's
 // (work_list.h). The arithmetic is the rules' (classic_rules.h), run by the shared per-ISA harness
 // (adam_kernel_isa.cpp).
-#include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <optional>
-#include <string>
-#include <vector>
 
 #include "../classic_call.h"
 #include "work_list.h"
@@ -48,7 +44,6 @@ void (*torch_sqrt_double())(int, const double*, double*) {
 #endif
 }
 
-// As adam_cpu.cpp: a multiple of 64 elements per item, one thread below the grain.
 // Fills t's coefficients for parameter i at step `step` (the counter after its increment, or 0).
 using MakeCoefficients = std::function<void(int64_t i, double lr, double step, at::ScalarType dtype, TensorArgs& t)>;
 
@@ -71,18 +66,7 @@ void run_classic(const ClassicCall& call, const MakeCoefficients& make) {
   for (int64_t i = 0; i < n; ++i) {
     call.check_parameter(i, device, /*allow_compact_prev=*/true);
     if (call.has_steps) check_step_counter(call.state_steps[i], i);
-    const at::Tensor& p = call.params[i];
-    TensorArgs& t = work.tensor(i);
-    t.param = p.data_ptr();
-    t.grad = call.grads[i].data_ptr();
-    for (int s = 0; s < kMaxStates; ++s) {
-      const StateList& list = call.states[s];
-      t.state[s] = list.name != nullptr && list.used ? list.tensors[i].data_ptr() : nullptr;
-    }
-    t.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
-    t.numel = p.numel();
-    t.dtype = kernel_dtype<DType>(p);
-    t.prev_dtype = call.prev_epoch_steps.empty() ? t.dtype : kernel_dtype<DType>(call.prev_epoch_steps[i]);
+    call.describe_parameter(i, work.tensor(i), /*packed=*/false);
     work.add_items(i);
   }
 

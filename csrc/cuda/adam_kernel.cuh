@@ -468,11 +468,10 @@ void launch_update(Algorithm algo, bool amsgrad, Stats mode, const UpdateLaunch&
 
 // The classic families' update launch (SGD, RMSprop, Adagrad): defined in classic_rules.cuh and
 // instantiated in classic_kernel_<type>.cu, one translation unit per storage type, apart from the
-// Adam family's. `variant` selects the instantiation by the options that change the state tensors
-// (classic_variant in classic_rules.cuh); the classic ops take the modes kOff, kOn and kOnPrev only.
-// The instantiation a classic call needs: the options that decide which state tensors exist.
-//   SGD: bit 0 momentum != 0 (a momentum buffer). RMSprop: bit 0 momentum > 0, bit 1 centered.
-//   Adagrad: 0.
+// Adam family's; the classic ops take the modes kOff, kOn and kOnPrev only. `variant` selects the
+// instantiation by the options that decide which state tensors exist (set in launch_step,
+// adam_launch.cu): SGD bit 0 momentum != 0 (a momentum buffer); RMSprop bit 0 momentum > 0,
+// bit 1 centered; Adagrad 0.
 enum ClassicVariant : int { kVariantMomentum = 1, kVariantCentered = 2 };
 template <class T>
 void launch_classic_update(Algorithm algo, int variant, Stats mode, const UpdateLaunch& launch, int64_t blocks,

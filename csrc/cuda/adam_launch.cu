@@ -53,7 +53,7 @@ bool is_classic(Algorithm algo) {
   return algo == Algorithm::kSgd || algo == Algorithm::kRmsprop || algo == Algorithm::kAdagrad;
 }
 
-// variant: amsgrad for the Adam family; the classic rules' ClassicVariant bits (classic_variant).
+// variant: amsgrad for the Adam family; the classic rules' ClassicVariant bits (see launch_step).
 void dispatch_update(DType dtype, Algorithm algo, int variant, Stats mode, const UpdateLaunch& launch,
                      int64_t blocks, const KernelScalars& s, cudaStream_t stream) {
   if (is_classic(algo)) {
@@ -85,14 +85,13 @@ cudaError_t launch_step(const CallArgs& a, const HostTensor* tensors, int64_t n,
   const bool stats = a.stats != nullptr;
   const bool classic = is_classic(a.algorithm);
   const bool amsgrad = a.amsgrad && !classic && a.algorithm != Algorithm::kAdamax;
-  // The instantiation: amsgrad for the Adam family, the options that decide the classic rules'
-  // state tensors for those (classic_rules.cuh, ClassicVariant).
+  // The instantiation: amsgrad for the Adam family; for the classic rules the options that decide
+  // their state tensors (ClassicVariant, adam_kernel.cuh; Adagrad has one variant, 0).
   int variant = amsgrad ? 1 : 0;
   if (a.algorithm == Algorithm::kSgd) variant = a.momentum != 0 ? kVariantMomentum : 0;
   if (a.algorithm == Algorithm::kRmsprop) {
     variant = (a.momentum > 0 ? kVariantMomentum : 0) | (a.centered ? kVariantCentered : 0);
   }
-  if (a.algorithm == Algorithm::kAdagrad) variant = 0;
   const bool hist = stats && a.histograms != nullptr;
   const Stats call_mode = !stats ? Stats::kOff
                           : hist ? (a.prev_dot ? Stats::kOnPrevHist : Stats::kOnHist)

@@ -58,21 +58,8 @@ void run_classic(const ClassicCall& call, CallArgs& args) {
   for (int64_t i = 0; i < n; ++i) {
     call.check_parameter(i, device, /*allow_compact_prev=*/false);
     check_step_counter(call, i, device);
-    const at::Tensor& p = call.params[i];
     HostTensor& h = tensors[static_cast<size_t>(i)];
-    h.param = p.data_ptr();
-    h.grad = call.grads[i].data_ptr();
-    // The CUDA rules take the state tensors present packed from slot 0, in the CPU rule's order
-    // (classic_rules.cuh: RMSprop's grad_avg moves up when there is no momentum buffer).
-    int slot = 0;
-    for (const StateList& s : call.states) {
-      if (s.name != nullptr && s.used) h.state[slot++] = s.tensors[i].data_ptr();
-    }
-    for (; slot < kMaxStates; ++slot) h.state[slot] = nullptr;
-    h.prev_step = call.prev_epoch_steps.empty() ? nullptr : call.prev_epoch_steps[i].const_data_ptr();
-    h.numel = p.numel();
-    h.dtype = kernel_dtype<DType>(p);
-    h.prev_dtype = h.dtype;
+    call.describe_parameter(i, h, /*packed=*/true);
     h.step = call.has_steps ? call.state_steps[i].data_ptr<float>() : nullptr;
     h.stats_row = call.stat_rows.empty() ? i : call.stat_rows[i];
     h.first_step = !call.first_step.empty() && call.first_step[i] != 0;

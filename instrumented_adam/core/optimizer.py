@@ -554,7 +554,7 @@ class _Instrumented:
         native = None
         if (params and len(indices) == num_params and not relayout and not has_complex and not distributed
                 and params[0].device.type == "cpu" and not torch.compiler.is_compiling()):
-            native = torch.classes.instrumented_adam.AdamPlan(params, exp_avgs, seconds, maxes, prevs, steps, [])
+            native = torch.classes.instrumented_adam.AdamPlan(params, exp_avgs, seconds, maxes, prevs, steps)
         return _GroupPlan(key, indices, params, exp_avgs, seconds, maxes, prevs, steps, rows, relayout,
                           [t.stride() for t in params], has_complex, distributed, pads, native)
 
@@ -565,8 +565,8 @@ class _Instrumented:
     def _native_step(self, group: dict, plan: _GroupPlan, stats: Tensor | None, histograms: Tensor | None,
                      grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
         """The group's step through its C++ plan; False (nothing changed) when the general path must
-        take it: a dispatch or function mode is active, a gradient is missing or sparse, or the op
-        rejected the call (the general path then sorts out layouts or raises the op's error)."""
+        take it: a dispatch or function mode is active, a gradient is missing, sparse or in another
+        layout, or the op rejected the call (the general path then raises the op's error)."""
         if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
             return False
         amsgrad = bool(group.get("amsgrad", False))
